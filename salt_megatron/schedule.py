@@ -1,0 +1,73 @@
+"""The SALT schedule: the KD weight ω as a function of the training step.
+
+Phase 1 (steps ``[0, kd_steps)``): the loss is ``(1-ω)·CE + ω·KD`` with ω = ``kd_weight`` (ω0).
+Transition:
+  * ``step``   – ω0 until ``kd_steps``, then 0 (the paper's SALT; n_KD ≈ 17% of training).
+  * ``linear`` – ω0 until ``kd_steps - decay_steps``, then linearly down to 0 at ``kd_steps``.
+  * ``cosine`` – as linear, with a half-cosine ramp.
+From ``kd_steps`` on ω is exactly 0 and the teacher is not run (``teacher_needed`` is False).
+``kd_steps == train_iters`` is the RKD baseline (KD for the whole run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+TRANSITIONS = ("step", "linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class SaltSchedule:
+    kd_weight: float  # ω0
+    kd_steps: int  # n_KD: ω is 0 from this step on
+    transition: str = "step"
+    decay_steps: int | None = None  # length of the linear/cosine ramp; default: the whole KD phase
+
+    def __post_init__(self):
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
+        if self.kd_steps < 0:
+            raise ValueError(f"kd_steps must be >= 0, got {self.kd_steps}")
+        if self.transition not in TRANSITIONS:
+            raise ValueError(f"transition must be one of {TRANSITIONS}, got {self.transition!r}")
+        if self.decay_steps is not None and not 0 < self.decay_steps <= max(self.kd_steps, 1):
+            raise ValueError(f"decay_steps must be in [1, kd_steps={self.kd_steps}], got {self.decay_steps}")
+
+    @property
+    def ramp_steps(self) -> int:
+        return self.kd_steps if self.decay_steps is None else self.decay_steps
+
+    def weight(self, step: int) -> float:
+        """ω at ``step`` (0-based: the step about to be taken)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if self.kd_weight == 0.0 or step >= self.kd_steps:
+            return 0.0
+        if self.transition == "step":
+            return self.kd_weight
+        ramp_start = self.kd_steps - self.ramp_steps
+        if step < ramp_start:
+            return self.kd_weight
+        # progress in (0, 1]: the last KD step has progress (ramp-1)/ramp ... never exactly 1 inside the phase
+        progress = (step - ramp_start) / self.ramp_steps
+        if self.transition == "linear":
+            return self.kd_weight * (1.0 - progress)
+        return self.kd_weight * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def teacher_needed(self, step: int) -> bool:
+        """Whether the teacher must run at ``step`` (exactly when ω > 0)."""
+        return self.weight(step) > 0.0
+
+    def last_teacher_step(self) -> int | None:
+        """The last step at which ω > 0, or None if the teacher is never used."""
+        if self.kd_weight == 0.0 or self.kd_steps == 0:
+            return None
+        return self.kd_steps - 1
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "SaltSchedule":
+        return cls(**state)

@@ -1,0 +1,256 @@
+"""vocab_parallel_kl_div and salt_loss against a float64 reference on the gathered vocabulary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from salt_megatron import salt_loss, vocab_parallel_kl_div
+from tests.dist_utils import run_workers
+
+
+def reference_kl(student, teacher, temperature=1.0, vocab_size=None):
+    """KL(softmax(t/τ) ‖ softmax(s/τ)) in float64 on the full (gathered) vocabulary, padding columns dropped."""
+    s = student.double()[..., :vocab_size] / temperature
+    t = teacher.double()[..., :vocab_size] / temperature
+    log_p = F.log_softmax(t, -1)
+    log_q = F.log_softmax(s, -1)
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def reference_grad(student, teacher, temperature=1.0, vocab_size=None, grad_out=None):
+    s = student.double().detach().requires_grad_(True)
+    kl = reference_kl(s, teacher, temperature, vocab_size)
+    kl.backward(torch.ones_like(kl) if grad_out is None else grad_out.double())
+    return s.grad
+
+
+def make_logits(shape, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-5), torch.float16: (2e-5, 2e-5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 50), (3, 5, 64), (1, 1), (33, 1000)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_single_shard_matches_float64_reference(dtype, shape, temperature):
+    s64, t64 = make_logits(shape, 0), make_logits(shape, 1)
+    s = s64.to(dtype).requires_grad_(True)
+    t = t64.to(dtype)
+    kl = vocab_parallel_kl_div(s, t, temperature=temperature, impl="torch")
+    assert kl.dtype == torch.float32 and kl.shape == shape[:-1]
+    # the reference sees exactly the (rounded) inputs the kernel saw
+    ref = reference_kl(s.detach(), t, temperature)
+    torch.testing.assert_close(kl.double(), ref, rtol=1e-4, atol=1e-5)
+    g = torch.rand(shape[:-1], dtype=torch.float64)
+    kl.backward(g.float())
+    ref_grad = reference_grad(s.detach(), t, temperature, grad_out=g)
+    assert s.grad.dtype == dtype
+    atol = 1e-6 if dtype == torch.float32 else 1e-2 * max(1.0, ref_grad.abs().max().item())
+    torch.testing.assert_close(s.grad.double(), ref_grad, rtol=1e-2 if dtype != torch.float32 else 1e-4, atol=atol)
+
+
+def test_gradcheck_small_shapes():
+    for shape, tau, vocab in [((3, 6), 1.0, None), ((2, 3, 5), 2.0, 4), ((4, 9), 0.7, 7)]:
+        s = make_logits(shape, 2).requires_grad_(True)
+        t = make_logits(shape, 3)
+        assert torch.autograd.gradcheck(
+            lambda x: vocab_parallel_kl_div(x, t, temperature=tau, vocab_size=vocab, impl="torch"), (s,)
+        )
+
+
+def test_teacher_gets_no_gradient():
+    s = make_logits((4, 10), 0).float().requires_grad_(True)
+    t = make_logits((4, 10), 1).float().requires_grad_(True)
+    vocab_parallel_kl_div(s, t, impl="torch").sum().backward()
+    assert s.grad is not None and t.grad is None
+
+
+def test_padding_columns_count_for_neither_model():
+    s, t = make_logits((5, 12), 0), make_logits((5, 12), 1)
+    s2, t2 = s.clone(), t.clone()
+    s2[:, 9:] = 1e4  # huge padded logits must not change anything
+    t2[:, 9:] = -7.0
+    a = vocab_parallel_kl_div(s.float(), t.float(), vocab_size=9, impl="torch")
+    x = s2.float().requires_grad_(True)
+    b = vocab_parallel_kl_div(x, t2.float(), vocab_size=9, impl="torch")
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a.double(), reference_kl(s, t, vocab_size=9), rtol=1e-5, atol=1e-6)
+    b.sum().backward()
+    assert torch.all(x.grad[:, 9:] == 0)
+
+
+def test_loss_mask_rows_are_zero_and_others_unchanged():
+    s, t = make_logits((6, 20), 0).float(), make_logits((6, 20), 1).float()
+    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    x = s.clone().requires_grad_(True)
+    kl = vocab_parallel_kl_div(x, t, loss_mask=mask, impl="torch")
+    full = vocab_parallel_kl_div(s, t, impl="torch")
+    assert torch.all(kl[~mask] == 0)
+    torch.testing.assert_close(kl[mask], full[mask])
+    kl.sum().backward()
+    assert torch.all(x.grad[~mask] == 0)
+    ref = reference_grad(s, t)
+    torch.testing.assert_close(x.grad[mask].double(), ref[mask], rtol=1e-4, atol=1e-6)
+
+
+def test_extreme_rows():
+    v = 16
+    s = make_logits((5, v), 0)
+    t = make_logits((5, v), 1)
+    s[0], t[0] = 1e4 * torch.sign(s[0]), -1e4 * torch.sign(t[0])  # ±1e4 logits
+    t[1, :5] = float("-inf")  # teacher assigns zero probability somewhere
+    s[2, :3] = float("-inf")
+    t[2, :3] = float("-inf")  # both -inf at the same columns
+    s[3] = 2.5
+    t[3] = 2.5  # all-equal rows: KL exactly 0
+    s[4] = 0.0  # uniform student, peaked teacher
+    x = s.float().requires_grad_(True)
+    kl = vocab_parallel_kl_div(x, t.float(), impl="torch")
+    ref = reference_kl(s.float(), t.float())
+    assert torch.isfinite(kl).all()
+    torch.testing.assert_close(kl.double(), ref, rtol=1e-5, atol=1e-4)
+    assert kl[3].item() == pytest.approx(0.0, abs=1e-7)
+    kl.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad.double(), reference_grad(s.float(), t.float()), rtol=1e-4, atol=1e-6)
+
+
+def test_student_minus_inf_where_teacher_has_mass_is_infinite():
+    s = torch.zeros(1, 4)
+    s[0, 1] = float("-inf")
+    assert torch.isinf(vocab_parallel_kl_div(s, torch.zeros(1, 4), impl="torch")).all()
+
+
+def test_empty_batch():
+    s = torch.zeros(0, 32, requires_grad=True)
+    kl = vocab_parallel_kl_div(s, torch.zeros(0, 32), impl="torch")
+    assert kl.shape == (0,)
+    kl.sum().backward()
+    assert s.grad.shape == (0, 32)
+
+
+def test_chunking_does_not_change_results(monkeypatch):
+    import salt_megatron.kd_loss as kd
+
+    s, t = make_logits((37, 300), 0).float(), make_logits((37, 300), 1).float()
+    whole = vocab_parallel_kl_div(s, t, impl="torch")
+    monkeypatch.setattr(kd, "_CHUNK_ELEMENTS", 1000)  # 3 rows per chunk
+    torch.testing.assert_close(vocab_parallel_kl_div(s, t, impl="torch"), whole)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(vocab_size=41), "vocab_size"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    s = torch.zeros(3, 40)
+    with pytest.raises(ValueError, match=match):
+        vocab_parallel_kl_div(s, s, **kwargs)
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match="teacher_logits"):
+        vocab_parallel_kl_div(torch.zeros(3, 40), torch.zeros(3, 41))
+
+
+@pytest.mark.parametrize("omega", [-0.1, 1.5])
+def test_salt_loss_refuses_bad_kd_weight(omega):
+    with pytest.raises(ValueError, match="kd_weight"):
+        salt_loss(torch.zeros(2, 3, 8), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, 8), kd_weight=omega)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The SALT loss (single shard)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("omega", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("squared", [True, False])
+def test_salt_loss_combines_ce_and_kd(omega, squared):
+    b, s_len, v, tau = 2, 5, 11, 2.0
+    student = make_logits((b, s_len, v), 0).float().requires_grad_(True)
+    teacher = make_logits((b, s_len, v), 1).float()
+    labels = torch.randint(0, v, (b, s_len), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(b, s_len)
+    mask[1, 3:] = 0
+    out = salt_loss(student, labels, teacher, kd_weight=omega, temperature=tau, loss_mask=mask,
+                    scale_kd_by_temperature_squared=squared, impl="torch")
+    keep = mask.bool()
+    ce_ref = F.cross_entropy(student.detach()[keep].double(), labels[keep])
+    kd_ref = reference_kl(student.detach()[keep], teacher[keep], tau).mean()
+    factor = tau**2 if squared else 1.0
+    expected = (1 - omega) * ce_ref + omega * factor * kd_ref
+    torch.testing.assert_close(out.ce.double(), ce_ref, rtol=1e-5, atol=1e-6)
+    if omega > 0:
+        torch.testing.assert_close(out.kd.double(), kd_ref, rtol=1e-5, atol=1e-6)
+    else:
+        assert out.kd is None
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert out.num_tokens.item() == keep.sum().item()
+    out.loss.backward()
+    assert torch.all(student.grad[~keep] == 0)
+
+
+def test_salt_loss_needs_teacher_when_kd_weight_positive():
+    with pytest.raises(ValueError, match="teacher_logits"):
+        salt_loss(torch.zeros(2, 3, 8), torch.zeros(2, 3, dtype=torch.long), None, kd_weight=0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tensor parallel: TP = 2 and 4 in CPU processes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tp_worker(rank, world_size, student, teacher, vocab_size, tau, dtype, mask):
+    torch.distributed.init_process_group("gloo")
+    group = torch.distributed.group.WORLD
+    w = student.shape[-1] // world_size
+    cols = slice(rank * w, (rank + 1) * w)
+    x = student[..., cols].to(dtype).clone().requires_grad_(True)
+    calls = []
+    real_all_reduce = torch.distributed.all_reduce
+
+    def counting_all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+        calls.append((str(op), tuple(tensor.shape)))
+        return real_all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+    torch.distributed.all_reduce = counting_all_reduce
+    try:
+        kl = vocab_parallel_kl_div(x, teacher[..., cols].to(dtype), temperature=tau, vocab_size=vocab_size,
+                                   tp_group=group, loss_mask=mask, impl="torch")
+        kl.backward(torch.ones_like(kl))
+    finally:
+        torch.distributed.all_reduce = real_all_reduce
+    return kl.detach(), x.grad.double(), calls
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_parallel_matches_gathered_reference(tp, dtype):
+    shape, vocab_size, tau = (3, 4, 24), 21, 1.5  # padding lands on the last rank(s)
+    student, teacher = make_logits(shape, 0), make_logits(shape, 1)
+    student[0, 0] = 1e4
+    teacher[1, 2, :3] = float("-inf")
+    mask = torch.ones(shape[:-1], dtype=torch.bool)
+    mask[2, 1] = False
+    results = run_workers(_tp_worker, tp, student, teacher, vocab_size, tau, dtype, mask)
+    rounded_s, rounded_t = student.to(dtype), teacher.to(dtype)
+    ref = reference_kl(rounded_s, rounded_t, tau, vocab_size) * mask
+    ref_grad = reference_grad(rounded_s, rounded_t, tau, vocab_size, grad_out=mask.double()) 
+    w = shape[-1] // tp
+    for rank, (kl, grad, calls) in enumerate(results):
+        torch.testing.assert_close(kl, results[0][0], rtol=0, atol=0)  # identical on every rank
+        torch.testing.assert_close(kl.double(), ref, rtol=1e-5, atol=1e-5)
+        tol = 1e-6 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(grad, ref_grad[..., rank * w:(rank + 1) * w], rtol=tol, atol=tol)
+        assert [op for op, _ in calls] == [str(torch.distributed.ReduceOp.MAX), str(torch.distributed.ReduceOp.SUM)]
