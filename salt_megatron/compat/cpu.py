@@ -18,6 +18,7 @@ import importlib.abc
 import importlib.util
 import sys
 import types
+import warnings
 
 import torch
 
@@ -275,6 +276,8 @@ def ensure_megatron_runs_here() -> bool:
         return False
     if _APPLIED:
         return True
+    # megatron-core warns at import that Apex/Transformer Engine are missing; on a CPU that is the expected state.
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed", category=UserWarning)
     _stand_in_for_triton_kernels()
     _TORCH_VIEW = _CpuTorchView()
     sys.meta_path.insert(0, _PatchOnImport())
