@@ -79,8 +79,14 @@ def build_gpt_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     use_transformer_engine: bool | None = None,
+    whole_model: bool = False,
+    pg_collection=None,
 ):
-    """A megatron-core ``GPTModel`` for this rank's pipeline stage (parallel_state must be initialised)."""
+    """A megatron-core ``GPTModel`` for this rank's pipeline stage (parallel_state must be initialised).
+
+    ``whole_model=True`` builds every layer on this rank whatever the pipeline size (the teacher lives whole on the
+    last stage); pass ``pg_collection=whole_model_process_groups()`` with it when PP > 1.
+    """
     ensure_megatron_runs_here()
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -88,7 +94,7 @@ def build_gpt_model(
     from megatron.core.transformer import TransformerConfig
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    pp = 1 if whole_model else parallel_state.get_pipeline_model_parallel_world_size()
     if arch.num_layers % pp:
         raise ValueError(f"num_layers ({arch.num_layers}) must be divisible by pipeline-model-parallel-size ({pp})")
     if arch.num_attention_heads % tp:
@@ -133,6 +139,7 @@ def build_gpt_model(
         layer_spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         layer_spec = get_gpt_layer_local_spec(normalization=arch.normalization)
+    extra = {} if pg_collection is None else {"pg_collection": pg_collection}
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
@@ -143,10 +150,21 @@ def build_gpt_model(
         share_embeddings_and_output_weights=not arch.untie_embeddings_and_output_weights,
         position_embedding_type=arch.position_embedding_type,
         rotary_base=10000,
+        **extra,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def whole_model_process_groups():
+    """megatron-core process groups for a model held whole on each rank: the usual TP/DP/CP groups, and a
+    pipeline group of one.  Collective: every rank must call it."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    pgs.pp, _ = torch.distributed.new_subgroups(group_size=1)
+    return pgs
 
 
 def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:

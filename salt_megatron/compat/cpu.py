@@ -208,6 +208,37 @@ def _patch_clip_grads():
             mod.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _run_with_identity_tensor_cuda(cls, name):
+    """Within ``cls.name`` only, ``tensor.cuda()`` returns the tensor itself."""
+    method = getattr(cls, name)
+    if getattr(method, "_salt_cpu_patched", False):
+        return
+
+    def patched(*args, **kwargs):
+        with _tensor_cuda_is_identity():
+            return method(*args, **kwargs)
+
+    patched._salt_cpu_patched = True
+    setattr(cls, name, patched)
+
+
+def _patch_tensor_cuda_calls():
+    """Tied embeddings across pipeline stages call ``weight.data.cuda()`` before their all-reduce."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    _run_with_identity_tensor_cuda(LanguageModule, "setup_embeddings_and_output_layer")
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Patches ``megatron.core.*`` modules that are imported after :func:`ensure_megatron_runs_here`."""
 
@@ -291,5 +322,6 @@ def ensure_megatron_runs_here() -> bool:
             _patch_module(module)
     _patch_rng_helpers()
     _patch_clip_grads()
+    _patch_tensor_cuda_calls()
     _APPLIED = True
     return True

@@ -1,0 +1,145 @@
+"""Training data: megatron-core GPTDatasets over ``prepare``'s indexed datasets, and Megatron's batch order.
+
+The sample order is a pure function of (dataset, consumed_samples), like Megatron-LM's pretraining sampler, so a
+resumed run sees exactly the samples it would have seen, and a teacher-score sidecar can be keyed by sample index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+
+def _dataset_exists(prefix: str) -> bool:
+    return os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
+
+
+def _require_dataset(prefix: str, what: str) -> str:
+    for path in (prefix + ".bin", prefix + ".idx"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what} indexed dataset {prefix!r} is incomplete: missing {path}")
+    return prefix
+
+
+def _strip_suffix(prefix):
+    """Accept ``P.bin`` / ``P.idx`` where a prefix ``P`` is meant."""
+    if prefix and prefix.endswith((".bin", ".idx")):
+        return prefix[:-4]
+    return prefix
+
+
+def resolve_data_prefixes(data_path=None, train_data_path=None, valid_data_path=None):
+    """Return ``(train_prefix, valid_prefix or None)``.
+
+    ``data_path=P`` means ``P_train`` / ``P_valid`` when those exist (``prepare``'s output), else ``P`` itself is
+    the one (training) dataset.  ``train_data_path`` / ``valid_data_path`` override either half.
+    """
+    data_path, train_data_path, valid_data_path = map(_strip_suffix, (data_path, train_data_path, valid_data_path))
+    if not (data_path or train_data_path):
+        raise ValueError("no training data: give data_path or train_data_path")
+    train, valid = None, None
+    if data_path:
+        if _dataset_exists(data_path + "_train"):
+            train = data_path + "_train"
+            valid = data_path + "_valid" if _dataset_exists(data_path + "_valid") else None
+        elif _dataset_exists(data_path):
+            train = data_path
+        elif not train_data_path:
+            missing = [p for p in (data_path + "_train.bin", data_path + "_train.idx", data_path + ".bin",
+                                   data_path + ".idx") if not os.path.isfile(p)]
+            raise FileNotFoundError(
+                f"no indexed dataset at data path {data_path!r}: looked for {data_path}_train.bin/.idx (prepare's "
+                f"output) and {data_path}.bin/.idx; missing {', '.join(missing)}"
+            )
+    if train_data_path:
+        train = _require_dataset(train_data_path, "training")
+    if valid_data_path:
+        valid = _require_dataset(valid_data_path, "validation")
+    return train, valid
+
+
+def build_gpt_datasets(train_prefix, valid_prefix, tokenizer, *, seq_length, seed, train_samples, valid_samples,
+                       cache_dir=None):
+    """GPTDatasets for the whole train file and the whole valid file (``valid_prefix`` None: no valid dataset).
+
+    Samples are ``seq_length`` tokens (plus one for the shifted labels), drawn across document boundaries and
+    shuffled with ``seed``; the train dataset has at least ``train_samples`` samples (epochs repeat as needed).
+    megatron-core always writes its shuffle/sample indices to disk (its own default is a directory named like the
+    prefix, ``{prefix}/cache/``).  They go to ``cache_dir`` (default: ``cache/`` beside the train files), in a
+    subfolder named by the ``.idx`` contents: megatron keys its cache on path, seed, length and tokenizer but not on
+    the data, so re-running ``prepare`` into the same prefix would otherwise reuse stale indices.  When
+    torch.distributed is initialised, every rank must call this (rank 0 builds, the others wait and load).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    _require_dataset(train_prefix, "training")
+    if valid_prefix is not None:
+        _require_dataset(valid_prefix, "validation")
+    if cache_dir is None:
+        cache_dir = os.path.join(os.path.dirname(os.path.abspath(train_prefix)), "cache")
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend_per_split=[([train_prefix], None), ([valid_prefix], None) if valid_prefix else None, None],
+        path_to_cache=os.path.join(cache_dir, _index_fingerprint(train_prefix, valid_prefix)),
+        mmap_bin_files=True,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    sizes = [train_samples, valid_samples if valid_prefix else None, None]
+    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    return train_ds, valid_ds
+
+
+def _index_fingerprint(*prefixes) -> str:
+    """Short hash of the ``.idx`` files: the cached indices depend only on the document lengths stored there."""
+    digest = hashlib.sha256()
+    for prefix in prefixes:
+        if prefix is not None:
+            with open(prefix + ".idx", "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack GPTDataset items into a batch: tokens/labels/position_ids int64 [b, s], loss_mask float32 [b, s]."""
+    dtypes = {"tokens": torch.int64, "labels": torch.int64, "position_ids": torch.int64, "loss_mask": torch.float32}
+    batch = {key: torch.stack([s[key] for s in samples]).to(dtype) for key, dtype in dtypes.items()}
+    if "attention_mask" in samples[0]:
+        batch["attention_mask"] = torch.stack([s["attention_mask"] for s in samples])
+    return batch
+
+
+def global_batch_indices(*, consumed_samples, micro_batch_size, global_batch_size, dp_rank, dp_size):
+    """Dataset indices of each micro-batch this DP rank processes in the global batch starting at ``consumed``.
+
+    Megatron-LM's ``MegatronPretrainingSampler`` order: the global batch is samples
+    ``[consumed, consumed + global_batch_size)``; it is walked in steps of ``micro_batch_size * dp_size`` and in
+    each step rank r takes the r-th run of ``micro_batch_size`` samples.
+    """
+    if micro_batch_size <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"bad micro_batch_size={micro_batch_size} / dp_rank={dp_rank} / dp_size={dp_size}")
+    step = micro_batch_size * dp_size
+    if global_batch_size <= 0 or global_batch_size % step:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of micro_batch_size * dp_size = "
+            f"{micro_batch_size} * {dp_size}"
+        )
+    return [
+        list(range(start + dp_rank * micro_batch_size, start + (dp_rank + 1) * micro_batch_size))
+        for start in range(consumed_samples, consumed_samples + global_batch_size, step)
+    ]
+
+
+def micro_batches(dataset, *, consumed_samples, micro_batch_size, global_batch_size, dp_rank, dp_size):
+    """Yield this rank's collated micro-batches of one global batch (indices wrap around the dataset length)."""
+    n = len(dataset)
+    for indices in global_batch_indices(consumed_samples=consumed_samples, micro_batch_size=micro_batch_size,
+                                        global_batch_size=global_batch_size, dp_rank=dp_rank, dp_size=dp_size):
+        yield collate([dataset[i % n] for i in indices])

@@ -1,0 +1,114 @@
+"""The frozen teacher (the small LM): checked, built from its own saved config, loaded, run, and released.
+
+* Its architecture (depth, width, heads, ...) comes from its checkpoint's metadata, not from the student's flags; it
+  shares the student's TP group and padded vocabulary, so its logits are vocab shards laid out exactly like the
+  student's and feed ``vocab_parallel_kl_div`` without a gather.
+* With pipeline parallelism the whole teacher lives on the last stage, where the student's loss is computed (its
+  own pipeline would only add bubbles: it is small).  Weights load through ``dist_checkpointing``, so a teacher
+  saved at any TP/PP size loads.
+* Frozen: ``requires_grad=False``, eval mode, run under ``torch.no_grad``; outside DDP, the optimizer and the
+  student's checkpoints.  ``release()`` drops it when ω reaches 0.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from salt_megatron import fingerprint
+from salt_megatron.model import GPTArchitecture, build_gpt_model, causal_attention_mask
+from salt_megatron.training.checkpointing import CheckpointError, load_model_weights, read_meta
+
+
+class TeacherRefused(SystemExit):
+    """The teacher cannot be used with this student: the message says why and what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(f"salt-megatron: refusing to start: {message}")
+
+
+def check_teacher_checkpoint(load_dir: str, *, tokenizer_hash: str, padded_vocab_size: int) -> dict:
+    """Validate the teacher's checkpoint metadata against the student (cheap: builds nothing).  Returns the meta."""
+    try:
+        meta = read_meta(load_dir)
+    except CheckpointError as e:
+        raise TeacherRefused(f"teacher checkpoint: {e}") from None
+    if meta.get("tokenizer_hash") != tokenizer_hash:
+        raise TeacherRefused(
+            f"the teacher in {meta['path']} was trained with another tokenizer (hash "
+            f"{str(meta.get('tokenizer_hash'))[:12]}…, the student's is {tokenizer_hash[:12]}…); teacher and student "
+            "must share the tokenizer: pass the teacher's --tokenizer-model and data prepared with it"
+        )
+    teacher_padded = meta.get("arch", {}).get("padded_vocab_size")
+    if teacher_padded != padded_vocab_size:
+        raise TeacherRefused(
+            f"padded vocab sizes differ: teacher {teacher_padded}, student {padded_vocab_size}; use the same "
+            "--make-vocab-size-divisible-by (and a TP size it divides) for both"
+        )
+    if int(meta.get("step", 0)) <= 0 or "fingerprint" not in meta:
+        raise TeacherRefused(f"the teacher checkpoint {meta['path']} is at step 0: it was never trained")
+    init_fp = meta.get("init_fingerprint")
+    if init_fp is not None and fingerprint.matches(meta["fingerprint"], init_fp, rtol=1e-6):
+        raise TeacherRefused(f"the teacher checkpoint {meta['path']} is still at its random initialisation")
+    return meta
+
+
+class Teacher:
+    """A frozen GPT model producing vocab-parallel logits for the KD loss."""
+
+    def __init__(self, meta: dict, *, params_dtype: torch.dtype, is_last_stage: bool, tp_group,
+                 pg_collection=None):
+        self.meta = meta
+        self.arch = GPTArchitecture.from_dict(meta["arch"])
+        self.forward_calls = 0
+        self.tp_group = tp_group
+        model = build_gpt_model(self.arch, params_dtype=params_dtype, pre_process=True, post_process=True,
+                                whole_model=True, pg_collection=pg_collection)
+        # collective: every rank loads, then the stages before the last drop it
+        load_model_weights(meta["path"], model, replicated_on_every_stage=pg_collection is not None)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        self.model = model if is_last_stage else None
+        if self.model is not None:
+            got = self.probe_fingerprint()
+            if not fingerprint.matches(got, meta["fingerprint"]):
+                raise TeacherRefused(
+                    f"the teacher's weights did not load from {meta['path']}: its logits fingerprint {got} differs "
+                    f"from the one saved with the checkpoint {meta['fingerprint']}"
+                )
+        else:
+            del model
+            gc.collect()
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def probe_fingerprint(self) -> list[float]:
+        tokens, position_ids = fingerprint.probe_batch(self.arch.vocab_size, self.arch.seq_length)
+        with torch.inference_mode():
+            logits = self._forward(tokens, position_ids)
+        return fingerprint.summarize(logits, self.tp_group)
+
+    def _forward(self, tokens, position_ids):
+        device = next(self.model.parameters()).device
+        mask = causal_attention_mask(tokens.shape[1], device=device)
+        return self.model(tokens.to(device), position_ids.to(device), mask)
+
+    def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits ``[b, s, padded_vocab/TP]`` (no autograd graph)."""
+        if self.model is None:
+            raise RuntimeError("the teacher is not held on this rank (released, or not the last pipeline stage)")
+        self.forward_calls += 1
+        # no_grad, not inference_mode: the KD loss's autograd saves these logits for its backward
+        with torch.no_grad():
+            return self._forward(tokens, position_ids)
+
+    def release(self) -> None:
+        """Free the teacher's memory (ω has reached 0 for good)."""
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,1 @@
+"""Training: flags, the train loop, checkpoints, logging."""

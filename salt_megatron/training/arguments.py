@@ -1,0 +1,193 @@
+"""Megatron-style flags for ``salt-megatron pretrain`` (and the shared ones for evaluate/score), plus YAML configs.
+
+A YAML file given with ``--config`` sets defaults (keys are flag names with ``_`` or ``-``); flags on the command
+line override it.  Everything is validated here, before any process group, model or file is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import yaml
+
+from salt_megatron.schedule import TRANSITIONS
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=4)
+    g.add_argument("--hidden-size", type=int, default=256)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
+    g.add_argument("--num-query-groups", type=int, default=None, help="grouped-query attention; default: MHA")
+    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (Llama style) instead of GeLU")
+    g.add_argument("--position-embedding-type", choices=("rope", "learned_absolute"), default="rope")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distributed")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
+                   help="default: nccl with CUDA, gloo without")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+
+
+def add_data_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None,
+                   help="prefix of the indexed dataset: PREFIX_train/PREFIX_valid from `prepare`, or one .bin/.idx")
+    g.add_argument("--train-data-path", default=None)
+    g.add_argument("--valid-data-path", default=None)
+    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model; default: DATA_PATH.model")
+    g.add_argument("--data-cache-path", default=None, help="where GPTDataset caches its index files")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=8)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data-parallel size")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--seed", type=int, default=1234)
+    prec = g.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", action="store_true")
+    prec.add_argument("--fp16", action="store_true")
+    g = p.add_argument_group("learning rate")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=1e-4)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: train iters")
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="checkpoint directory to write")
+    g.add_argument("--load", default=None, help="checkpoint directory to resume from (latest complete one)")
+    g.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
+
+
+def add_logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--eval-interval", type=int, default=None, help="default: only at the end")
+    g.add_argument("--eval-iters", type=int, default=10, help="validation micro... global batches per evaluation")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-file", default=None, help="append one JSON line per log/eval event (rank last)")
+
+
+def add_salt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SALT (knowledge distillation from a small teacher)")
+    g.add_argument("--teacher-load", default=None, help="checkpoint dir of the trained small LM; enables SALT")
+    g.add_argument("--kd-steps", type=int, default=None, help="n_KD: steps with distillation (= train iters: RKD)")
+    g.add_argument("--kd-weight", type=float, default=0.5, help="ω: weight of the KD term during the KD phase")
+    g.add_argument("--kd-temperature", type=float, default=1.0, help="τ for the teacher's soft labels")
+    g.add_argument("--kd-transition", choices=TRANSITIONS, default="step")
+    g.add_argument("--kd-decay-steps", type=int, default=None, help="length of a linear/cosine ramp (default: n_KD)")
+    g.add_argument("--kd-no-temperature-squared", action="store_true", help="do not scale KD by τ²")
+    g.add_argument("--kd-impl", choices=("auto", "torch", "fused"), default="auto", help="KD loss kernels")
+
+
+def build_pretrain_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="salt-megatron pretrain",
+        description="Pretrain a GPT model on megatron-core; with --teacher-load, SALT (KD from a small LM first).",
+    )
+    p.add_argument("--config", default=None, help="YAML file of flag defaults (command-line flags win)")
+    for add in (add_model_args, add_parallel_args, add_data_args, add_training_args, add_checkpoint_args,
+                add_logging_args, add_salt_args):
+        add(p)
+    return p
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse ``argv``; a ``--config`` YAML file supplies defaults for any flag it names."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        if not os.path.isfile(known.config):
+            parser.error(f"--config {known.config}: no such file")
+        with open(known.config) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            parser.error(f"--config {known.config}: expected a mapping of flag names to values")
+        dests = {a.dest for a in parser._actions}
+        defaults = {}
+        for key, value in values.items():
+            dest = str(key).lstrip("-").replace("-", "_")
+            if dest not in dests:
+                parser.error(f"--config {known.config}: unknown setting {key!r}")
+            defaults[dest] = value
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Fill derived defaults and refuse contradictions with one clear message, before anything is built."""
+    errors = []
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    mp = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if world_size % mp:
+        errors.append(f"world size {world_size} is not divisible by TP x PP = {mp}")
+    dp = max(world_size // mp, 1)
+    args.data_parallel_size = dp
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        errors.append(
+            f"--global-batch-size ({args.global_batch_size}) must be a multiple of --micro-batch-size "
+            f"({args.micro_batch_size}) x data-parallel size ({dp})"
+        )
+    if args.train_iters < 1:
+        errors.append("--train-iters must be >= 1")
+    if args.num_layers % args.pipeline_model_parallel_size:
+        errors.append(f"--num-layers ({args.num_layers}) must be divisible by --pipeline-model-parallel-size")
+    if args.num_attention_heads % args.tensor_model_parallel_size:
+        errors.append("--num-attention-heads must be divisible by --tensor-model-parallel-size")
+    if args.hidden_size % args.num_attention_heads:
+        errors.append("--hidden-size must be divisible by --num-attention-heads")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.min_lr > args.lr:
+        errors.append(f"--min-lr ({args.min_lr}) is larger than --lr ({args.lr})")
+    if args.data_path is None and args.train_data_path is None:
+        errors.append("give --data-path (or --train-data-path)")
+    if args.teacher_load is not None:
+        if args.kd_steps is None:
+            errors.append("--teacher-load needs --kd-steps (n_KD; the paper uses ~17% of --train-iters)")
+        elif args.kd_steps > args.train_iters:
+            errors.append(f"--kd-steps ({args.kd_steps}) exceeds --train-iters ({args.train_iters})")
+        elif args.kd_steps < 0:
+            errors.append("--kd-steps must be >= 0")
+        if not 0.0 <= args.kd_weight <= 1.0:
+            errors.append(f"--kd-weight must be in [0, 1], got {args.kd_weight}")
+        if not args.kd_temperature > 0:
+            errors.append(f"--kd-temperature must be > 0, got {args.kd_temperature}")
+        if args.kd_decay_steps is not None and args.kd_steps is not None and not (
+            0 < args.kd_decay_steps <= max(args.kd_steps, 1)
+        ):
+            errors.append("--kd-decay-steps must be in [1, --kd-steps]")
+    elif args.kd_steps:
+        errors.append("--kd-steps given without --teacher-load")
+    if args.save_interval is not None and args.save_interval < 1:
+        errors.append("--save-interval must be >= 1")
+    if args.save_interval is not None and args.save is None:
+        errors.append("--save-interval needs --save")
+    if errors:
+        raise SystemExit("salt-megatron pretrain: " + "; ".join(errors))
+    return args
