@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 PINS   := 'torch==2.13.0' 'megatron-core==0.16.1'
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-full bench clean
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,16 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# the main job on this CPU: real corpus, tiny teacher, baseline vs SALT students; prints the table, writes a plot
+demo: $(STAMP)
+	$(PY) -m salt_megatron.cli demo --out demo_out
+
+demo-full: $(STAMP)
+	$(PY) -m salt_megatron.cli demo --full --out demo_out_full
+
 bench: $(STAMP)
 	$(PY) benchmarks/kd_loss.py
+	$(PY) benchmarks/step_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

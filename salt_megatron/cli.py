@@ -2,6 +2,7 @@
 
     salt-megatron prepare   text/JSONL → SentencePiece tokenizer → Megatron indexed dataset (.bin/.idx)
     salt-megatron pretrain  train a GPT model (the teacher), or a student with SALT (--teacher-load)
+    salt-megatron score     the SLM scores every training window (SALT_DS data selection)
     salt-megatron evaluate  validation loss / perplexity of a checkpoint on any indexed dataset
     salt-megatron demo      the end-to-end CPU demo behind `make demo`
 """
@@ -13,6 +14,7 @@ import sys
 COMMANDS = {
     "prepare": ("salt_megatron.data.prepare", "main"),
     "pretrain": ("salt_megatron.training.pretrain", "main"),
+    "score": ("salt_megatron.scoring", "main"),
     "evaluate": ("salt_megatron.training.evaluate", "main"),
     "demo": ("salt_megatron.demo", "main"),
 }

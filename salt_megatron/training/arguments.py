@@ -99,6 +99,14 @@ def add_salt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kd-decay-steps", type=int, default=None, help="length of a linear/cosine ramp (default: n_KD)")
     g.add_argument("--kd-no-temperature-squared", action="store_true", help="do not scale KD by τ²")
     g.add_argument("--kd-impl", choices=("auto", "torch", "fused"), default="auto", help="KD loss kernels")
+    g = p.add_argument_group("SALT_DS (data selection for the KD phase, from `salt-megatron score`)")
+    g.add_argument("--kd-data-selection", choices=("none", "top", "band"), default="none",
+                   help="top: the best-scored fraction; band: skip the very top, keep the next fraction")
+    g.add_argument("--kd-select-fraction", type=float, default=0.2, help="share of the scored windows to keep")
+    g.add_argument("--kd-select-skip-fraction", type=float, default=0.02, help="band: share of the top to skip")
+    g.add_argument("--kd-score", choices=("salt", "mean_loss", "topk_fraction"), default="salt")
+    g.add_argument("--kd-scores", default=None,
+                   help="prefix of the scored dataset (default: the training dataset); its sidecar is PREFIX.salt_scores.*")
 
 
 def build_pretrain_parser() -> argparse.ArgumentParser:
@@ -184,6 +192,14 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
             errors.append("--kd-decay-steps must be in [1, --kd-steps]")
     elif args.kd_steps:
         errors.append("--kd-steps given without --teacher-load")
+    if args.kd_data_selection != "none":
+        if args.teacher_load is None:
+            errors.append("--kd-data-selection needs --teacher-load (it selects the KD phase's data)")
+        if not 0.0 < args.kd_select_fraction <= 1.0:
+            errors.append(f"--kd-select-fraction must be in (0, 1], got {args.kd_select_fraction}")
+        skip = args.kd_select_skip_fraction if args.kd_data_selection == "band" else 0.0
+        if not 0.0 <= skip < 1.0 or skip + args.kd_select_fraction > 1.0:
+            errors.append("--kd-select-skip-fraction + --kd-select-fraction must be <= 1")
     if args.save_interval is not None and args.save_interval < 1:
         errors.append("--save-interval must be >= 1")
     if args.save_interval is not None and args.save is None:

@@ -50,6 +50,7 @@ class Run:
     teacher: object | None
     train_ds: object
     valid_ds: object | None
+    kd_ds: object | None  # SALT_DS: the selected windows the KD phase draws from (None: the ordinary data)
     tokenizer: object
     state: TrainState
     writer: MetricsWriter
@@ -119,7 +120,9 @@ def train_step(run: Run) -> dict:
             teacher_logits = run.teacher.logits(tokens, position_ids)
         return logits, partial(loss_func, batch, teacher_logits)
 
-    batches = _micro_batch_iterator(run, run.train_ds, state.consumed_samples)
+    # SALT_DS: while the teacher is in use, samples come from the selected windows; afterwards the ordinary data
+    selected = run.kd_ds is not None and run.schedule.teacher_needed(state.step)
+    batches = list(_micro_batch_iterator(run, run.kd_ds if selected else run.train_ds, state.consumed_samples))
     losses = run.forward_backward(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[run.model],
         num_microbatches=_num_microbatches(args), seq_length=args.seq_length,
@@ -132,6 +135,9 @@ def train_step(run: Run) -> dict:
     step_time = time.perf_counter() - start
 
     metrics = {"kd_weight": omega, "lr": run.optimizer.param_groups[0]["lr"], "step_time_s": step_time,
+               "data": "kd_selected" if selected else "full",
+               "token_checksum": int(_dp_mean([sum(float(b["tokens"].sum()) for b in batches)])[0]
+                                     * args.data_parallel_size),
                "tokens_per_s": args.global_batch_size * args.seq_length / step_time,
                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                "skipped": not update_successful, "teacher_ran": use_teacher}
@@ -334,6 +340,18 @@ def setup(args) -> Run:
         teacher_meta = check_teacher_checkpoint(args.teacher_load, tokenizer_hash=tokenizer.hash,
                                                 padded_vocab_size=padded)
 
+    sidecar = None
+    if args.kd_data_selection != "none":
+        from salt_megatron.data import scores
+
+        scored_prefix = args.kd_scores or train_prefix
+        try:
+            sidecar = scores.load_sidecar(scored_prefix, seq_length=args.seq_length)
+        except (FileNotFoundError, scores.SidecarMismatch) as e:
+            raise SystemExit(f"salt-megatron: refusing to start: {e}") from None
+        if sidecar[0].get("tokenizer_hash") != tokenizer.hash:
+            raise SystemExit("salt-megatron: refusing to start: the score sidecar was made with another tokenizer")
+
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                            backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes)
     last_rank = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
@@ -347,6 +365,22 @@ def setup(args) -> Run:
         train_samples=args.train_iters * args.global_batch_size,
         valid_samples=max(args.eval_iters, 1) * args.global_batch_size, cache_dir=args.data_cache_path,
     )
+
+    kd_ds = None
+    if sidecar is not None:
+        from salt_megatron.data.selection import SelectedWindows
+        from salt_megatron.scoring import ScoredWindows
+
+        header, window_scores, _ = sidecar
+        scored_ds, _ = build_gpt_datasets(args.kd_scores or train_prefix, None, tokenizer, seq_length=args.seq_length,
+                                          seed=header["seed"], train_samples=None, valid_samples=None,
+                                          cache_dir=args.data_cache_path)
+        kd_ds = SelectedWindows(ScoredWindows(scored_ds), header, window_scores, score=args.kd_score,
+                                mode=args.kd_data_selection, fraction=args.kd_select_fraction,
+                                skip_fraction=args.kd_select_skip_fraction, seed=args.seed,
+                                cache_dir=args.data_cache_path)
+        writer.message(f"SALT_DS: KD phase draws from {kd_ds.num_selected} of {window_scores.shape[0]} windows "
+                       f"({args.kd_data_selection}, score {args.kd_score}, sidecar {kd_ds.sidecar_hash})")
 
     # the student first, so its initialisation is the baseline's whatever the teacher is (paired comparisons)
     model = build_gpt_model(arch, params_dtype=_params_dtype(args))
@@ -367,8 +401,10 @@ def setup(args) -> Run:
                        f"ω={args.kd_weight}, τ={args.kd_temperature}, {args.kd_transition}")
 
     run = Run(args=args, arch=arch, model=ddp, optimizer=optimizer, scheduler=scheduler, schedule=schedule,
-              teacher=teacher, train_ds=train_ds, valid_ds=valid_ds, tokenizer=tokenizer, state=TrainState(),
+              teacher=teacher, train_ds=train_ds, valid_ds=valid_ds, kd_ds=None, tokenizer=tokenizer,
+              state=TrainState(),
               writer=writer, forward_backward=forward_backward)
+    run.kd_ds = kd_ds
     if resume_meta is not None:
         checkpointing.load_checkpoint(resume_meta["path"], ddp, optimizer)
         scheduler.load_state_dict(resume_meta["opt_param_scheduler"])

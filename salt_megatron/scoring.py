@@ -1,0 +1,281 @@
+"""``salt-megatron score``: the SLM scores every training window (and document) of an indexed dataset (SALT_DS).
+
+Windows are exactly the samples megatron-core's GPTDataset builds for ``--seq-length`` and ``--seed`` over one
+epoch of the dataset; a window's score sits at its unshuffled sample index, so training can select windows by score
+and read them through the same GPTDataset.
+
+The work is cut into chunks of ``--score-chunk-windows`` windows; data-parallel rank r scores chunks r, r+DP, ...
+(every rank of a TP group computes the same numbers through vocab-parallel reductions: no vocabulary gather).  Each
+finished chunk is written atomically to ``PREFIX.salt_scores.partial/``; a rerun after a crash skips finished
+chunks, and the merged sidecar is byte-identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from salt_megatron.data import scores as S
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-token numbers from vocab-parallel logits
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def token_loss_and_topk(logits: torch.Tensor, labels: torch.Tensor, *, k: int, vocab_size: int, tp_group=None):
+    """Per-token next-token loss (nats, fp32) and whether the label is among the k largest logits.
+
+    ``logits``: this rank's vocab shard ``[..., W]``; padding columns (global index ≥ ``vocab_size``) are ignored.
+    "In the top-k" = fewer than k real columns have a strictly larger logit than the label's.  Three collectives
+    on per-token numbers (MAX; SUM of sum-exp and label logit; SUM of counts), identical results on every rank.
+    """
+    width = logits.shape[-1]
+    rank = torch.distributed.get_rank(group=tp_group) if tp_group is not None else 0
+    world = torch.distributed.get_world_size(group=tp_group) if tp_group is not None else 1
+    start = rank * width
+    valid = max(0, min(width, vocab_size - start))
+    x = logits[..., :valid].float()
+    local_max = x.amax(dim=-1) if valid else torch.full(labels.shape, float("-inf"))
+    if world > 1:
+        torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+    row_max = local_max
+    in_shard = (labels >= start) & (labels < start + valid)
+    local_label = (labels - start).clamp(0, max(valid - 1, 0))
+    label_logit = torch.where(in_shard, x.gather(-1, local_label[..., None]).squeeze(-1), torch.zeros_like(row_max)) \
+        if valid else torch.zeros_like(row_max)
+    sums = torch.stack(((x - row_max[..., None]).exp().sum(-1) if valid else torch.zeros_like(row_max), label_logit))
+    if world > 1:
+        torch.distributed.all_reduce(sums, group=tp_group)
+    loss = row_max + sums[0].log() - sums[1]
+    greater = (x > sums[1][..., None]).sum(-1).float() if valid else torch.zeros_like(row_max)
+    if world > 1:
+        torch.distributed.all_reduce(greater, group=tp_group)
+    return loss, greater < k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Windows of the GPTDataset, with the document of every target token
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ScoredWindows:
+    """The windows of a one-epoch GPTDataset in unshuffled order, with per-token document ids."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        dataset._query_document_sample_shuffle_indices(0)  # loads its index arrays (lazily memory-mapped)
+        self.sample_index = np.asarray(dataset.sample_index)
+        self.document_index = np.asarray(dataset.document_index)
+        self.shuffle_to_window = np.asarray(dataset.shuffle_index)
+        self.window_to_item = np.empty_like(self.shuffle_to_window)
+        self.window_to_item[self.shuffle_to_window] = np.arange(len(self.shuffle_to_window))
+        self.doc_lengths = np.asarray(dataset.dataset.sequence_lengths)
+
+    def __len__(self) -> int:
+        return len(self.shuffle_to_window)
+
+    def item(self, window: int) -> dict:
+        return self.dataset[int(self.window_to_item[window])]
+
+    def target_documents(self, window: int, seq_length: int) -> np.ndarray:
+        """Document id of each target token (positions 1..seq_length of the window's seq_length+1 tokens)."""
+        (beg, off_beg), (end, off_end) = self.sample_index[window], self.sample_index[window + 1]
+        ids = []
+        for i in range(beg, end + 1):
+            doc = int(self.document_index[i])
+            first = int(off_beg) if i == beg else 0
+            last = int(off_end) + 1 if i == end else int(self.doc_lengths[doc])
+            ids.append(np.full(max(last - first, 0), doc, dtype=np.int64))
+        ids = np.concatenate(ids)[: seq_length + 1]
+        if ids.size < seq_length + 1:  # padded tail (loss-masked)
+            ids = np.concatenate([ids, np.full(seq_length + 1 - ids.size, -1, dtype=np.int64)])
+        return ids[1:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scoring run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from salt_megatron.training.arguments import add_data_args, add_parallel_args
+
+    p = argparse.ArgumentParser(prog="salt-megatron score", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None)
+    p.add_argument("--load", required=True, help="the trained SLM's checkpoint directory")
+    add_data_args(p)
+    add_parallel_args(p)
+    p.add_argument("--split", choices=("train", "valid"), default="train", help="which split of --data-path")
+    p.add_argument("--seq-length", type=int, default=None, help="window length (default: the SLM's)")
+    p.add_argument("--seed", type=int, default=1234, help="GPTDataset's shuffle seed (use the training run's)")
+    p.add_argument("--score-topk", type=int, default=10, help="k of the top-k filter (paper: 10)")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--score-chunk-windows", type=int, default=256, help="windows per resumable chunk")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _chunk_path(partial_dir: str, chunk: int) -> str:
+    return os.path.join(partial_dir, f"chunk_{chunk:07d}.npz")
+
+
+def _score_chunk(model, windows: ScoredWindows, lo: int, hi: int, args, arch, tp_group) -> dict:
+    """Scores of windows [lo, hi) and the per-document pieces their tokens contribute."""
+    from salt_megatron.data.gpt_data import collate
+    from salt_megatron.model import causal_attention_mask
+
+    window_scores = np.zeros((hi - lo, 3), dtype=np.float32)
+    doc_ids, doc_loss, doc_topk = [], [], []
+    mask = causal_attention_mask(args.seq_length)
+    for start in range(lo, hi, args.micro_batch_size):
+        ids = list(range(start, min(hi, start + args.micro_batch_size)))
+        batch = collate([windows.item(w) for w in ids])
+        with torch.inference_mode():
+            logits = model(batch["tokens"], batch["position_ids"], mask)
+            loss, in_topk = token_loss_and_topk(logits, batch["labels"], k=args.score_topk,
+                                                vocab_size=arch.vocab_size, tp_group=tp_group)
+        loss, in_topk = loss.double().numpy(), in_topk.numpy()
+        keep = batch["loss_mask"].numpy() > 0
+        for row, w in enumerate(ids):
+            window_scores[w - lo] = S.score_unit(loss[row][keep[row]], in_topk[row][keep[row]])
+            docs = windows.target_documents(w, args.seq_length)
+            k = keep[row] & (docs >= 0)
+            doc_ids.append(docs[k])
+            doc_loss.append(loss[row][k].astype(np.float32))
+            doc_topk.append(in_topk[row][k])
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    return {"window_scores": window_scores, "doc_ids": cat(doc_ids, np.int64), "doc_loss": cat(doc_loss, np.float32),
+            "doc_topk": cat(doc_topk, bool)}
+
+
+def _document_scores(chunks: list[dict], num_documents: int) -> np.ndarray:
+    ids = np.concatenate([c["doc_ids"] for c in chunks])
+    loss = np.concatenate([c["doc_loss"] for c in chunks]).astype(np.float64)
+    topk = np.concatenate([c["doc_topk"] for c in chunks])
+    out = np.zeros((num_documents, 3), dtype=np.float32)
+    out[:, 0] = S.NO_LEARNABLE_TOKEN
+    count = np.bincount(ids, minlength=num_documents)
+    seen = count > 0
+    out[seen, 1] = (np.bincount(ids, weights=loss, minlength=num_documents)[seen] / count[seen])
+    out[seen, 2] = (np.bincount(ids, weights=topk.astype(np.float64), minlength=num_documents)[seen] / count[seen])
+    # salt: lower median of the learnable tokens' losses per document
+    lid, lloss = ids[topk], loss[topk].astype(np.float32)
+    order = np.lexsort((lloss, lid))
+    lid, lloss = lid[order], lloss[order]
+    starts = np.searchsorted(lid, np.arange(num_documents), side="left")
+    ends = np.searchsorted(lid, np.arange(num_documents), side="right")
+    has = ends > starts
+    out[has, 0] = lloss[starts[has] + (ends[has] - starts[has] - 1) // 2]
+    return out
+
+
+def score(args) -> dict | None:
+    """Score the dataset; returns the sidecar header on rank 0."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from salt_megatron.data.gpt_data import build_gpt_datasets, resolve_data_prefixes
+    from salt_megatron.data.tokenizer import load_tokenizer
+    from salt_megatron.distributed import initialize_distributed
+    from salt_megatron.model import GPTArchitecture, build_gpt_model
+    from salt_megatron.teacher import check_teacher_checkpoint
+    from salt_megatron.training import checkpointing
+
+    if args.pipeline_model_parallel_size != 1:
+        raise SystemExit("salt-megatron score: the SLM is scored without pipeline parallelism "
+                         "(--pipeline-model-parallel-size 1); use TP and data parallelism")
+    meta = checkpointing.read_meta(args.load)
+    arch = GPTArchitecture.from_dict(meta["arch"])
+    args.seq_length = args.seq_length or arch.seq_length
+    train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path, args.valid_data_path)
+    prefix = valid_prefix if args.split == "valid" else train_prefix
+    if prefix is None:
+        raise SystemExit(f"salt-megatron score: {args.data_path} has no {args.split} split")
+    tokenizer = load_tokenizer(args.tokenizer_model or meta["tokenizer_model"])
+    check_teacher_checkpoint(args.load, tokenizer_hash=tokenizer.hash, padded_vocab_size=arch.padded_vocab_size)
+    if args.score_topk < 1:
+        raise SystemExit("salt-megatron score: --score-topk must be >= 1")
+
+    initialize_distributed(args.tensor_model_parallel_size, 1, backend=args.distributed_backend,
+                           timeout_minutes=args.distributed_timeout_minutes)
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(args.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    dataset, _ = build_gpt_datasets(prefix, None, tokenizer, seq_length=args.seq_length, seed=args.seed,
+                                    train_samples=None, valid_samples=None, cache_dir=args.data_cache_path)
+    windows = ScoredWindows(dataset)
+    model = build_gpt_model(arch, params_dtype=torch.float32, whole_model=True)
+    checkpointing.load_model_weights(meta["path"], model)
+    model.eval()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    paths = S.sidecar_paths(prefix)
+    config = {"idx_sha256": S.file_sha256(prefix + ".idx"), "seq_length": args.seq_length, "seed": args.seed,
+              "topk": args.score_topk, "chunk_windows": args.score_chunk_windows,
+              "micro_batch_size": args.micro_batch_size, "slm_checkpoint": meta["path"], "slm_step": meta["step"],
+              "slm_fingerprint": meta["fingerprint"], "tokenizer_hash": tokenizer.hash, "dataset": prefix}
+    config_file = os.path.join(paths["partial"], "config.json")
+    if rank == 0:
+        if os.path.isfile(config_file) and json.load(open(config_file)) != config:
+            shutil.rmtree(paths["partial"])  # an interrupted run with other settings: its chunks do not fit
+        os.makedirs(paths["partial"], exist_ok=True)
+        with open(config_file + ".tmp", "w") as f:
+            json.dump(config, f, sort_keys=True)
+        os.replace(config_file + ".tmp", config_file)
+    torch.distributed.barrier()
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    writer = parallel_state.get_tensor_model_parallel_rank() == 0
+    n = len(windows)
+    num_chunks = (n + args.score_chunk_windows - 1) // args.score_chunk_windows
+    mine = [c for c in range(dp_rank, num_chunks, dp_size) if not os.path.isfile(_chunk_path(paths["partial"], c))]
+    progress = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(mine) * args.score_chunk_windows * args.seq_length * dp_size, unit="tok",
+                        unit_scale=True, desc=f"scoring {os.path.basename(prefix)} ({num_chunks - len(mine) * dp_size}"
+                        f"/{num_chunks} chunks already done)", dynamic_ncols=True)
+    for c in mine:
+        lo, hi = c * args.score_chunk_windows, min(n, (c + 1) * args.score_chunk_windows)
+        result = _score_chunk(model, windows, lo, hi, args, arch, tp_group)
+        if writer:
+            path = _chunk_path(paths["partial"], c)
+            with open(path + ".tmp", "wb") as f:
+                np.savez(f, **result)
+            os.replace(path + ".tmp", path)
+        if progress is not None:
+            progress.update((hi - lo) * args.seq_length * dp_size)
+    if progress is not None:
+        progress.close()
+    torch.distributed.barrier()
+
+    header = None
+    if rank == 0:
+        chunks = []
+        for c in range(num_chunks):
+            with np.load(_chunk_path(paths["partial"], c)) as z:
+                chunks.append({k: z[k] for k in z.files})
+        samples = np.concatenate([c["window_scores"] for c in chunks])
+        documents = _document_scores(chunks, len(windows.doc_lengths))
+        header = S.write_sidecar(prefix, samples, documents, {k: v for k, v in config.items() if k != "dataset"})
+        shutil.rmtree(paths["partial"])
+        print(f"scored {n} windows of {args.seq_length} tokens and {documents.shape[0]} documents of {prefix} with "
+              f"{meta['path']} (top-{args.score_topk}); sidecar {paths['header']}")
+    torch.distributed.barrier()
+    return header
+
+
+def main(argv=None) -> None:
+    from salt_megatron.training.arguments import parse_with_config
+
+    start = time.time()
+    score(parse_with_config(build_parser(), argv))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"scoring took {time.time() - start:.1f} s")
