@@ -1,6 +1,62 @@
 """salt_megatron: SALT pretraining (small LM helps a large LM) on megatron-core and DeepSpeed."""
 
+import os
+import shutil
+import sys
+
 from setuptools import find_packages, setup
+
+
+def _fused_kernel_extensions():
+    """The fused KL kernels (csrc/): the CPU extension always, the CUDA one when a CUDA toolkit and a CUDA torch
+    are found.  SALT_MEGATRON_BUILD_EXT=0 builds none, SALT_MEGATRON_BUILD_CUDA=0 skips CUDA.  Without torch at
+    build time (build isolation) nothing is built; salt_megatron.fused then compiles the sources just in time."""
+    if os.environ.get("SALT_MEGATRON_BUILD_EXT", "1") == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("salt_megatron: torch is not importable at build time; skipping the fused kernels", file=sys.stderr)
+        return [], {}
+    # flags as in salt_megatron/fused.py (no -march: the CPU kernel picks AVX-512/AVX2/SSE2 code at load time)
+    ext_modules = [
+        CppExtension(
+            "salt_megatron._kl_cpu",
+            ["csrc/kl_div_cpu_binding.cpp", "csrc/kl_div_cpu.cpp"],
+            include_dirs=["csrc"],
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"],
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    want_cuda = os.environ.get("SALT_MEGATRON_BUILD_CUDA", "1") != "0"
+    if want_cuda and torch.version.cuda is not None and nvcc and os.path.exists(nvcc):
+        # TORCH_CUDA_ARCH_LIST, when set, picks the architectures; else A100 and H100 code plus PTX for newer GPUs
+        arch = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else [
+            "-gencode=arch=compute_80,code=sm_80",
+            "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90,code=compute_90",
+        ]
+        ext_modules.append(
+            CUDAExtension(
+                "salt_megatron._kl_cuda",
+                ["csrc/kl_div_cuda_binding.cpp", "csrc/kl_div_cuda.cu"],
+                include_dirs=["csrc"],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", *arch]},
+            )
+        )
+    elif want_cuda:
+        why = "torch has no CUDA" if torch.version.cuda is None else "no CUDA toolkit (nvcc) found"
+        print(f"salt_megatron: not building the CUDA kernel ({why})", file=sys.stderr)
+    # ninja of this interpreter's environment (pip does not put the venv's bin/ on PATH)
+    bindir = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None and os.path.exists(os.path.join(bindir, "ninja")):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    return ext_modules, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+_EXT_MODULES, _CMDCLASS = _fused_kernel_extensions()
 
 setup(
     name="salt_megatron",
@@ -21,4 +77,6 @@ setup(
         "tools": ["tqdm", "pyyaml", "matplotlib", "tensorboard"],
     },
     entry_points={"console_scripts": ["salt-megatron=salt_megatron.cli:main"]},
+    ext_modules=_EXT_MODULES,
+    cmdclass=_CMDCLASS,
 )

