@@ -73,6 +73,18 @@ def initialize_distributed(
     )
 
 
+def compute_device() -> torch.device:
+    """Where models, batches and the tensors of collectives live: this rank's GPU (nccl needs CUDA tensors), or
+    the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def to_device(batch: dict) -> dict:
+    """A collated batch moved to :func:`compute_device` (data loading stays on the CPU)."""
+    device = compute_device()
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def destroy_distributed() -> None:
     """Tear down model-parallel groups and the default process group (tests and clean exits)."""
     from megatron.core import parallel_state

@@ -24,9 +24,9 @@ def probe_batch(vocab_size: int, seq_length: int):
 def summarize(logits_shard: torch.Tensor, tp_group=None) -> list[float]:
     """[count, Σ logits, Σ logits², Σ logits·position-weight] over the whole vocabulary (summed over TP shards)."""
     x = logits_shard.detach().double().reshape(-1, logits_shard.shape[-1])
-    weights = torch.linspace(-1.0, 1.0, x.shape[0], dtype=torch.float64)[:, None]
-    stats = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), x.square().sum(),
-                         (x * weights).sum()])
+    weights = torch.linspace(-1.0, 1.0, x.shape[0], dtype=torch.float64, device=x.device)[:, None]
+    stats = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum(),
+                         x.square().sum(), (x * weights).sum()])
     if tp_group is not None and torch.distributed.get_world_size(group=tp_group) > 1:
         torch.distributed.all_reduce(stats, group=tp_group)
     return [float(v) for v in stats]

@@ -41,7 +41,7 @@ def token_loss_and_topk(logits: torch.Tensor, labels: torch.Tensor, *, k: int, v
     start = rank * width
     valid = max(0, min(width, vocab_size - start))
     x = logits[..., :valid].float()
-    local_max = x.amax(dim=-1) if valid else torch.full(labels.shape, float("-inf"))
+    local_max = x.amax(dim=-1) if valid else torch.full(labels.shape, float("-inf"), device=logits.device)
     if world > 1:
         torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
     row_max = local_max
@@ -132,16 +132,18 @@ def _score_chunk(model, windows: ScoredWindows, lo: int, hi: int, args, arch, tp
 
     window_scores = np.zeros((hi - lo, 3), dtype=np.float32)
     doc_ids, doc_loss, doc_topk = [], [], []
-    mask = causal_attention_mask(args.seq_length)
+    from salt_megatron.distributed import compute_device, to_device
+
+    mask = causal_attention_mask(args.seq_length, device=compute_device())
     for start in range(lo, hi, args.micro_batch_size):
         ids = list(range(start, min(hi, start + args.micro_batch_size)))
-        batch = collate([windows.item(w) for w in ids])
+        batch = to_device(collate([windows.item(w) for w in ids]))
         with torch.inference_mode():
             logits = model(batch["tokens"], batch["position_ids"], mask)
             loss, in_topk = token_loss_and_topk(logits, batch["labels"], k=args.score_topk,
                                                 vocab_size=arch.vocab_size, tp_group=tp_group)
-        loss, in_topk = loss.double().numpy(), in_topk.numpy()
-        keep = batch["loss_mask"].numpy() > 0
+        loss, in_topk = loss.double().cpu().numpy(), in_topk.cpu().numpy()
+        keep = batch["loss_mask"].cpu().numpy() > 0
         for row, w in enumerate(ids):
             window_scores[w - lo] = S.score_unit(loss[row][keep[row]], in_topk[row][keep[row]])
             docs = windows.target_documents(w, args.seq_length)

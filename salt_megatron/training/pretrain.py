@@ -21,7 +21,7 @@ import torch
 
 from salt_megatron import fingerprint
 from salt_megatron.compat import ensure_megatron_runs_here
-from salt_megatron.distributed import initialize_distributed
+from salt_megatron.distributed import compute_device, initialize_distributed, to_device
 from salt_megatron.kd_loss import salt_loss
 from salt_megatron.model import (GPTArchitecture, build_gpt_model, causal_attention_mask, pad_vocab_size,
                                  whole_model_process_groups)
@@ -83,7 +83,7 @@ def _dp_mean(values: list[float]) -> list[float]:
     """Average numbers over the data-parallel group (each DP rank saw different samples)."""
     from megatron.core import parallel_state
 
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=compute_device())
     if parallel_state.get_data_parallel_world_size() > 1:
         torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
         t /= parallel_state.get_data_parallel_world_size()
@@ -112,7 +112,7 @@ def train_step(run: Run) -> dict:
         return out.loss, logs
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator))
         tokens, position_ids = batch["tokens"], batch["position_ids"]
         logits = model(tokens, position_ids, causal_attention_mask(tokens.shape[1], device=tokens.device))
         teacher_logits = None
@@ -163,17 +163,17 @@ def evaluate(model, dataset, args, forward_backward, eval_iters: int) -> dict | 
     def loss_func(batch, logits):
         ce = salt_loss(logits, batch["labels"], kd_weight=0.0, loss_mask=batch["loss_mask"],
                        tp_group=parallel_state.get_tensor_model_parallel_group())
-        return ce.loss, {"ce_sum": ce.ce * ce.num_tokens, "tokens": ce.num_tokens}
+        return ce.loss, {"ce_sum": (ce.ce * ce.num_tokens).item(), "tokens": ce.num_tokens.item()}
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator))
         tokens = batch["tokens"]
         logits = model(tokens, batch["position_ids"], causal_attention_mask(tokens.shape[1], device=tokens.device))
         return logits, partial(loss_func, batch)
 
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=compute_device())
     with torch.no_grad():
         for i in range(eval_iters):
             batches = micro_batches(
@@ -187,7 +187,7 @@ def evaluate(model, dataset, args, forward_backward, eval_iters: int) -> dict | 
                 micro_batch_size=args.micro_batch_size, forward_only=True,
             )
             for x in out or []:
-                total += torch.tensor([float(x["ce_sum"]), float(x["tokens"])], dtype=torch.float64)
+                total += torch.tensor([float(x["ce_sum"]), float(x["tokens"])], dtype=torch.float64, device=total.device)
     if was_training:
         model.train()
     if not parallel_state.is_pipeline_last_stage():
@@ -202,11 +202,12 @@ def model_fingerprint(model, arch: GPTArchitecture, args, forward_backward) -> l
     """The logits fingerprint (see ``salt_megatron.fingerprint``), through the pipeline; on the last stage."""
     from megatron.core import parallel_state
 
-    tokens, position_ids = fingerprint.probe_batch(arch.vocab_size, arch.seq_length)
+    probe = to_device(dict(zip(("tokens", "position_ids"), fingerprint.probe_batch(arch.vocab_size, arch.seq_length))))
+    tokens, position_ids = probe["tokens"], probe["position_ids"]
     result = {}
 
     def forward_step(data_iterator, model_chunk):
-        logits = model_chunk(tokens, position_ids, causal_attention_mask(tokens.shape[1]))
+        logits = model_chunk(tokens, position_ids, causal_attention_mask(tokens.shape[1], device=tokens.device))
 
         def loss_func(out):
             result["fp"] = fingerprint.summarize(out, parallel_state.get_tensor_model_parallel_group())
