@@ -50,7 +50,10 @@ EOF
 
 echo; echo "== 3. tests/test_fused_kernel.py"
 t0=$(date +%s)
-if timeout 210 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_fused_kernel.py 2>&1 | tail -40; then
+# the CUDA tests first (a crash elsewhere must not hide them), then the rest, verbose so a crash names its test
+if timeout 100 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_fused_kernel.py -k cuda 2>&1 | tail -30 && \
+   timeout 110 "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_fused_kernel.py -k "not cuda" 2>&1 | \
+   grep -v PASSED | tail -30; then
   status+=("tests: passed ($(( $(date +%s) - t0 )) s)")
 else
   status+=("tests: FAILED")

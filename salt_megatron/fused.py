@@ -191,7 +191,17 @@ class FusedKernels:
                 return fn(*args, torch.cuda.current_stream(device).cuda_stream)
         return fn(*args)
 
+    @staticmethod
+    def _check_row_index(row_index, num_rows):
+        # checked here rather than in C++: an exception thrown across the extension boundary is where a torch
+        # built with another toolchain can crash (seen on the GPU machine's torch 2.11)
+        if row_index is not None and row_index.numel() and (
+            int(row_index.min()) < 0 or int(row_index.max()) >= num_rows
+        ):
+            raise RuntimeError(f"row_index holds a row out of range [0, {num_rows})")
+
     def row_stats(self, student, teacher, temperature, row_index=None):
+        self._check_row_index(row_index, student.shape[0])
         if not self.handles(student, teacher):
             if row_index is not None:
                 student, teacher = student.index_select(0, row_index), teacher.index_select(0, row_index)
@@ -201,6 +211,7 @@ class FusedKernels:
     def student_grad(
         self, student, teacher, max_s, log_sum_s, max_t, log_sum_t, grad_rows, temperature, out, row_index=None
     ):
+        self._check_row_index(row_index, student.shape[0])
         row_vectors = (max_s, log_sum_s, max_t, log_sum_t, grad_rows)
         if not self.handles(student, teacher, out) or out.dtype != student.dtype:
             if row_index is None:

@@ -154,6 +154,12 @@ def build_gpt_model(
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if params_dtype in (torch.bfloat16, torch.float16):
+        # what Megatron-LM does for --bf16/--fp16: weights in half precision, float inputs cast on the first stage,
+        # logits back to fp32 on the last
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
     return model
 
 

@@ -144,6 +144,12 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
     return parser.parse_args(argv)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Fill derived defaults and refuse contradictions with one clear message, before anything is built."""
     errors = []
@@ -161,6 +167,9 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
             f"--global-batch-size ({args.global_batch_size}) must be a multiple of --micro-batch-size "
             f"({args.micro_batch_size}) x data-parallel size ({dp})"
         )
+    if (args.bf16 or args.fp16) and not _cuda_available():
+        errors.append("--bf16/--fp16 need a GPU (megatron-core's mixed-precision optimizer keeps CUDA tensors); "
+                      "on a CPU train in fp32")
     if args.train_iters < 1:
         errors.append("--train-iters must be >= 1")
     if args.num_layers % args.pipeline_model_parallel_size:

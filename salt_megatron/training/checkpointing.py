@@ -108,9 +108,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def _unwrap(model):
-    """The GPTModel inside megatron-core's DDP wrapper: checkpoints hold the model's own keys, so the teacher
-    and `evaluate` (which have no DDP) load them."""
-    return getattr(model, "module", model)
+    """The GPTModel inside megatron-core's DDP and Float16Module wrappers: checkpoints hold the model's own keys,
+    so the teacher and `evaluate` (no DDP, maybe another precision) load them."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def _model_sharded_state_dict(model) -> dict:
