@@ -47,7 +47,7 @@ def _run(cmd: list[str], log: str) -> None:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
-            if line.startswith(("step", "teacher", "student", "saved", "resumed", "scored", "SALT_DS",
+            if line.startswith(("step", "teacher", "model:", "saved", "resumed", "scored", "SALT_DS",
                                 "salt-megatron")) \
                     or "Error" in line:
                 print("  " + line.rstrip(), flush=True)
@@ -64,7 +64,7 @@ def _model_flags(p: dict, who: str) -> list[str]:
     return ["--num-layers", str(p[f"{who}_layers"]), "--hidden-size", str(p[f"{who}_hidden"]),
             "--num-attention-heads", str(p[f"{who}_heads"]), "--seq-length", str(p["seq"]),
             "--micro-batch-size", str(p["micro_batch"]), "--train-iters", str(p[f"{who}_iters"]),
-            "--lr", str(p[f"{who}_lr"]), "--min-lr", str(p[f"{who}_lr"] / 10),
+            "--lr", str(p[f"{who}_lr"]), "--min-lr", f"{p[f'{who}_lr'] / 10:g}",
             "--lr-warmup-iters", str(max(1, p[f"{who}_iters"] // 20)), "--log-interval", "10"]
 
 

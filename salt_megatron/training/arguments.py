@@ -39,6 +39,8 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                    help="default: nccl with CUDA, gloo without")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+    g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                   help="set by the deepspeed launcher; LOCAL_RANK from the environment is used otherwise")
 
 
 def add_data_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -89,6 +91,12 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-file", default=None, help="append one JSON line per log/eval event (rank last)")
 
 
+def add_deepspeed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DeepSpeed")
+    g.add_argument("--deepspeed", action="store_true", help="train the student through deepspeed.initialize")
+    g.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON (ZeRO stage, precision, batch sizes)")
+
+
 def add_salt_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SALT (knowledge distillation from a small teacher)")
     g.add_argument("--teacher-load", default=None, help="checkpoint dir of the trained small LM; enables SALT")
@@ -116,7 +124,7 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default=None, help="YAML file of flag defaults (command-line flags win)")
     for add in (add_model_args, add_parallel_args, add_data_args, add_training_args, add_checkpoint_args,
-                add_logging_args, add_salt_args):
+                add_logging_args, add_deepspeed_args, add_salt_args):
         add(p)
     return p
 
@@ -153,6 +161,12 @@ def _cuda_available() -> bool:
 def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Fill derived defaults and refuse contradictions with one clear message, before anything is built."""
     errors = []
+    if args.deepspeed:
+        from salt_megatron.training.deepspeed_engine import reconcile_config
+
+        errors += reconcile_config(args, world_size)
+    elif args.deepspeed_config:
+        errors.append("--deepspeed-config given without --deepspeed")
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     mp = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
@@ -167,7 +181,7 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
             f"--global-batch-size ({args.global_batch_size}) must be a multiple of --micro-batch-size "
             f"({args.micro_batch_size}) x data-parallel size ({dp})"
         )
-    if (args.bf16 or args.fp16) and not _cuda_available():
+    if (args.bf16 or args.fp16) and not args.deepspeed and not _cuda_available():
         errors.append("--bf16/--fp16 need a GPU (megatron-core's mixed-precision optimizer keeps CUDA tensors); "
                       "on a CPU train in fp32")
     if args.train_iters < 1:

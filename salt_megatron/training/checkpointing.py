@@ -119,8 +119,11 @@ def _model_sharded_state_dict(model) -> dict:
     return _unwrap(model).sharded_state_dict()
 
 
-def save_checkpoint(save_dir: str, step: int, model, optimizer, meta: dict) -> str:
-    """Save model + optimizer (sharded) and ``meta`` atomically; every rank must call this.  Returns the path."""
+def save_checkpoint(save_dir: str, step: int, model, optimizer, meta: dict, write_extra=None) -> str:
+    """Save model + optimizer (sharded) and ``meta`` atomically; every rank must call this.  Returns the path.
+
+    ``write_extra(tmp_dir)``, called on every rank before the rename, adds state kept elsewhere (DeepSpeed's).
+    """
     ensure_megatron_runs_here()
     from megatron.core import dist_checkpointing
 
@@ -140,6 +143,8 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, meta: dict) -> s
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(model_sd)
     dist_checkpointing.save(sharded, tmp)
+    if write_extra is not None:
+        write_extra(tmp)
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
     torch.distributed.barrier()

@@ -28,8 +28,12 @@ class MetricsWriter:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
             self.file = open(metrics_file, "a", buffering=1)
 
-    def train(self, step: int, train_iters: int, m: dict) -> None:
+    def train(self, step: int, train_iters: int, m: dict, echo: bool = True) -> None:
+        """Record every step (tensorboard, metrics file); print the console line when ``echo``."""
         if not self.enabled:
+            return
+        self._record("train", step, m)
+        if not echo:
             return
         kd = f" kd {m['kd']:.4f}" if m.get("kd") is not None else ""
         print(
@@ -38,7 +42,6 @@ class MetricsWriter:
             f"{m['step_time_s'] * 1e3:.0f} ms",
             file=self.stream, flush=True,
         )
-        self._record("train", step, m)
 
     def eval(self, step: int, m: dict) -> None:
         if not self.enabled:

@@ -43,7 +43,7 @@ class Run:
 
     args: object
     arch: GPTArchitecture
-    model: object  # megatron-core DistributedDataParallel(GPTModel)
+    model: object  # megatron-core DistributedDataParallel(GPTModel); with --deepspeed the engine's GPTModel
     optimizer: object
     scheduler: object
     schedule: SaltSchedule | None
@@ -56,6 +56,7 @@ class Run:
     writer: MetricsWriter
     forward_backward: object
     init_fingerprint: list | None = None
+    engine: object | None = None  # the DeepSpeed engine (--deepspeed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,6 +147,47 @@ def train_step(run: Run) -> dict:
         means = _dp_mean([sum(float(x[k]) for x in losses) / n for k in ("loss", "ce", "kd")])
         metrics.update(loss=means[0], ce=means[1], kd=means[2] if omega > 0 else None)
     return metrics
+
+
+def train_step_deepspeed(run: Run) -> dict:
+    """The same step through a DeepSpeed engine: it accumulates over the micro-batches and steps at the boundary."""
+    from megatron.core import parallel_state
+
+    args, state, engine = run.args, run.state, run.engine
+    omega = run.schedule.weight(state.step) if run.schedule is not None else 0.0
+    use_teacher = omega > 0 and run.teacher is not None and run.teacher.loaded
+    start = time.perf_counter()
+    selected = run.kd_ds is not None and run.schedule.teacher_needed(state.step)
+    batches = list(_micro_batch_iterator(run, run.kd_ds if selected else run.train_ds, state.consumed_samples))
+    parts = []
+    for cpu_batch in batches:
+        batch = to_device(cpu_batch)
+        tokens, position_ids = batch["tokens"], batch["position_ids"]
+        logits = engine(tokens, position_ids, causal_attention_mask(tokens.shape[1], device=tokens.device))
+        teacher_logits = run.teacher.logits(tokens, position_ids) if use_teacher else None
+        out = salt_loss(
+            logits, batch["labels"], teacher_logits, kd_weight=omega, temperature=args.kd_temperature,
+            loss_mask=batch["loss_mask"], vocab_size=run.arch.vocab_size,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            scale_kd_by_temperature_squared=not args.kd_no_temperature_squared, impl=args.kd_impl,
+        )
+        engine.backward(out.loss)  # DeepSpeed divides by its gradient_accumulation_steps
+        engine.step()  # an optimizer step only at the accumulation boundary
+        parts.append([float(out.loss), float(out.ce), float(out.kd) if out.kd is not None else 0.0])
+    run.scheduler.step(increment=args.global_batch_size)
+    state.step += 1
+    state.consumed_samples += args.global_batch_size
+    step_time = time.perf_counter() - start
+    means = _dp_mean([sum(p[i] for p in parts) / len(parts) for i in range(3)])
+    grad_norm = engine.get_global_grad_norm()
+    return {"kd_weight": omega, "lr": run.scheduler.optimizer.param_groups[0]["lr"], "step_time_s": step_time,
+            "data": "kd_selected" if selected else "full",
+            "token_checksum": int(_dp_mean([sum(float(b["tokens"].sum()) for b in batches)])[0]
+                                  * args.data_parallel_size),
+            "tokens_per_s": args.global_batch_size * args.seq_length / step_time,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "skipped": bool(getattr(engine, "skipped_steps", 0)), "teacher_ran": use_teacher,
+            "loss": means[0], "ce": means[1], "kd": means[2] if omega > 0 else None}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,8 +300,14 @@ def _checkpoint_meta(run: Run) -> dict:
 
 
 def save(run: Run) -> str:
-    path = checkpointing.save_checkpoint(run.args.save, run.state.step, run.model, run.optimizer,
-                                         _checkpoint_meta(run))
+    write_extra = None
+    if run.engine is not None:
+        from salt_megatron.training.deepspeed_engine import save_engine_state
+
+        write_extra = partial(save_engine_state, run.engine)
+    optimizer = None if run.engine is not None else run.optimizer  # DeepSpeed keeps its optimizer state itself
+    path = checkpointing.save_checkpoint(run.args.save, run.state.step, run.model, optimizer,
+                                         _checkpoint_meta(run), write_extra=write_extra)
     run.writer.message(f"saved checkpoint {path}")
     return path
 
@@ -384,10 +432,19 @@ def setup(args) -> Run:
                        f"({args.kd_data_selection}, score {args.kd_score}, sidecar {kd_ds.sidecar_hash})")
 
     # the student first, so its initialisation is the baseline's whatever the teacher is (paired comparisons)
-    model = build_gpt_model(arch, params_dtype=_params_dtype(args))
     forward_backward = get_forward_backward_func()
-    ddp = _wrap_ddp(model, args)
-    optimizer, scheduler = _build_optimizer(args, ddp)
+    engine = None
+    if args.deepspeed:
+        from salt_megatron.training.deepspeed_engine import build_engine
+
+        # fp32 weights: DeepSpeed casts the module to the JSON's precision itself
+        model = build_gpt_model(arch, params_dtype=torch.float32)
+        engine, optimizer, scheduler = build_engine(model, args)
+        ddp = engine.module
+    else:
+        model = build_gpt_model(arch, params_dtype=_params_dtype(args))
+        ddp = _wrap_ddp(model, args)
+        optimizer, scheduler = _build_optimizer(args, ddp)
 
     teacher = None
     if teacher_meta is not None and schedule.teacher_needed(start_step):
@@ -404,10 +461,14 @@ def setup(args) -> Run:
     run = Run(args=args, arch=arch, model=ddp, optimizer=optimizer, scheduler=scheduler, schedule=schedule,
               teacher=teacher, train_ds=train_ds, valid_ds=valid_ds, kd_ds=None, tokenizer=tokenizer,
               state=TrainState(),
-              writer=writer, forward_backward=forward_backward)
+              writer=writer, forward_backward=forward_backward, engine=engine)
     run.kd_ds = kd_ds
     if resume_meta is not None:
-        checkpointing.load_checkpoint(resume_meta["path"], ddp, optimizer)
+        checkpointing.load_checkpoint(resume_meta["path"], ddp, None if engine is not None else optimizer)
+        if engine is not None:
+            from salt_megatron.training.deepspeed_engine import load_engine_state
+
+            load_engine_state(engine, resume_meta["path"])
         scheduler.load_state_dict(resume_meta["opt_param_scheduler"])
         run.state = TrainState(step=start_step, consumed_samples=int(resume_meta["consumed_samples"]))
         run.init_fingerprint = resume_meta.get("init_fingerprint")
@@ -415,7 +476,7 @@ def setup(args) -> Run:
     else:
         run.init_fingerprint = _from_last_rank(model_fingerprint(ddp, arch, args, forward_backward))
     params = sum(p.numel() for p in model.parameters())
-    writer.message(f"student: {arch.num_layers} layers x {arch.hidden_size}, {params / 1e6:.2f}M parameters on "
+    writer.message(f"model: {arch.num_layers} layers x {arch.hidden_size}, {params / 1e6:.2f}M parameters on "
                    f"rank {torch.distributed.get_rank()}; TP={args.tensor_model_parallel_size} "
                    f"PP={args.pipeline_model_parallel_size} DP={args.data_parallel_size}; vocab {arch.vocab_size} "
                    f"(padded {padded})")
@@ -453,11 +514,11 @@ def train(run: Run) -> dict:
         if run.teacher is not None and run.teacher.loaded and not run.schedule.teacher_needed(state.step):
             run.teacher.release()
             run.writer.message(f"step {state.step}: KD phase over (ω = 0); teacher released")
-        m = train_step(run)
+        m = train_step_deepspeed(run) if run.engine is not None else train_step(run)
         if "loss" in m:
             history["train"].append({"step": state.step, **m})
-            if state.step % args.log_interval == 0 or state.step == args.train_iters:
-                run.writer.train(state.step, args.train_iters, m)
+            run.writer.train(state.step, args.train_iters, m,
+                             echo=state.step % args.log_interval == 0 or state.step == args.train_iters)
         if has_valid and (state.step == args.train_iters or (args.eval_interval and state.step % args.eval_interval == 0)):
             run_eval()
         if args.save and (state.step == args.train_iters or (args.save_interval and state.step % args.save_interval == 0)):

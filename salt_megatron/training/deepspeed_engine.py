@@ -1,0 +1,137 @@
+"""``pretrain --deepspeed --deepspeed-config ds.json``: the megatron-core student trained by a DeepSpeed engine.
+
+* The JSON decides ZeRO stage (1 or 2), bf16/fp16 and may define the optimizer; the batch flags must agree with it
+  (``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``, ``train_batch_size``; missing entries are
+  filled from the flags), and a contradiction is one clear error before anything is built.
+* ``mpu`` is megatron-core's ``parallel_state`` (with the two model-parallel queries DeepSpeed asks for and
+  parallel_state names differently), so DeepSpeed reduces gradients over the data-parallel group only and TP works.
+* The teacher stays outside the engine, exactly as in the plain path; the LR schedule is megatron-core's
+  ``OptimizerParamScheduler`` driving the engine's optimizer.
+* Checkpoints: the model weights through ``dist_checkpointing`` (so ``evaluate`` and a teacher load them like any
+  other), the engine's optimizer/ZeRO state through ``engine.save_checkpoint``, in the same atomic iteration dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+TAG = "deepspeed"
+
+
+class MegatronMPU:
+    """megatron-core's parallel_state as the ``mpu`` object DeepSpeed expects."""
+
+    def __getattr__(self, name):
+        from megatron.core import parallel_state
+
+        return getattr(parallel_state, name)
+
+    @staticmethod
+    def get_model_parallel_world_size():
+        from megatron.core import parallel_state
+
+        return torch.distributed.get_world_size(group=parallel_state.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_rank():
+        from megatron.core import parallel_state
+
+        return torch.distributed.get_rank(group=parallel_state.get_model_parallel_group())
+
+
+def reconcile_config(args, world_size: int) -> list[str]:
+    """Load ``--deepspeed-config`` into ``args.deepspeed_config_dict``, checked against the flags.  Returns errors."""
+    errors = []
+    path = args.deepspeed_config
+    if not path or not os.path.isfile(path):
+        return [f"--deepspeed needs --deepspeed-config pointing at a JSON file (got {path!r})"]
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        return [f"--deepspeed-config {path}: not valid JSON ({e})"]
+    if args.pipeline_model_parallel_size != 1:
+        errors.append("--deepspeed trains without pipeline parallelism: use --pipeline-model-parallel-size 1")
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (0, 1, 2):
+        errors.append(f"{path}: ZeRO stage {stage} is not supported with megatron-core TP models (use 1 or 2)")
+    dp = max(world_size // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size), 1)
+
+    def agree(key, value, flag):
+        if key in cfg and cfg[key] != "auto" and int(cfg[key]) != int(value):
+            errors.append(f"{path}: {key} = {cfg[key]} contradicts {flag} ({value})")
+        cfg[key] = int(value)
+
+    if args.global_batch_size is None and isinstance(cfg.get("train_batch_size"), int):
+        args.global_batch_size = cfg["train_batch_size"]
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp * int(cfg.get("gradient_accumulation_steps", 1)
+                                                                  if cfg.get("gradient_accumulation_steps") != "auto"
+                                                                  else 1)
+    agree("train_micro_batch_size_per_gpu", args.micro_batch_size, "--micro-batch-size")
+    agree("train_batch_size", args.global_batch_size, "--global-batch-size")
+    if args.global_batch_size % (args.micro_batch_size * dp) == 0:
+        agree("gradient_accumulation_steps", args.global_batch_size // (args.micro_batch_size * dp),
+              "--global-batch-size / (--micro-batch-size x data-parallel size)")
+    for name in ("bf16", "fp16"):
+        in_json = bool(cfg.get(name, {}).get("enabled", False))
+        if getattr(args, name) and not in_json:
+            errors.append(f"--{name} is set but {path} does not enable {name}: the JSON decides the precision")
+        setattr(args, name, in_json)
+    if args.bf16 and args.fp16:
+        errors.append(f"{path} enables both bf16 and fp16")
+    if "scheduler" in cfg:
+        errors.append(f"{path} defines a scheduler: remove it, the LR schedule comes from --lr/--min-lr/--lr-*")
+    if "optimizer" in cfg:
+        lr = cfg["optimizer"].get("params", {}).get("lr")
+        if lr is not None and float(lr) != float(args.lr):
+            errors.append(f"{path}: optimizer lr {lr} contradicts --lr ({args.lr})")
+    if "gradient_clipping" in cfg and float(cfg["gradient_clipping"]) != float(args.clip_grad):
+        errors.append(f"{path}: gradient_clipping {cfg['gradient_clipping']} contradicts --clip-grad ({args.clip_grad})")
+    cfg["gradient_clipping"] = float(args.clip_grad)
+    cfg.setdefault("steps_per_print", 1 << 30)  # our own log line is enough
+    args.deepspeed_config_dict = cfg
+    return errors
+
+
+def build_engine(model, args):
+    """``deepspeed.initialize`` around the student; returns (engine, optimizer, LR scheduler)."""
+    import deepspeed
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    cfg = args.deepspeed_config_dict
+    optimizer = None
+    if "optimizer" not in cfg:
+        # a client optimizer from the flags; torch's AdamW avoids DeepSpeed's JIT-built fused Adam
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() <= 1]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+        )
+    engine, ds_optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(),
+        config=cfg, mpu=MegatronMPU(),
+    )
+    scheduler = OptimizerParamScheduler(
+        ds_optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * args.global_batch_size,
+        lr_decay_steps=args.lr_decay_iters * args.global_batch_size, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * args.global_batch_size,
+        wd_incr_style="constant",
+    )
+    return engine, ds_optimizer, scheduler
+
+
+def save_engine_state(engine, checkpoint_tmp_dir: str) -> None:
+    """The engine's optimizer / ZeRO partitions (and its own module copy) into the checkpoint being written."""
+    engine.save_checkpoint(checkpoint_tmp_dir, tag=TAG, save_latest=False)
+
+
+def load_engine_state(engine, checkpoint_dir: str) -> None:
+    path, _ = engine.load_checkpoint(checkpoint_dir, tag=TAG, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no engine state under {checkpoint_dir}/{TAG}")
