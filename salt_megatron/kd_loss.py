@@ -380,8 +380,10 @@ def salt_loss(
     num_tokens = mask.sum()
     denom = num_tokens.clamp(min=1.0)
 
-    # megatron's CE overwrites its input in place: give it a copy when the KD term needs the logits too.
-    ce_input = student_logits if kd_weight == 0 else student_logits.clone()
+    # megatron's vocab-parallel CE (TP > 1) overwrites its input in place: it gets a copy when the KD term needs
+    # the logits too.  Without TP, torch's CE leaves its input alone and no copy is made.
+    sharded = tp_group is not None and torch.distributed.get_world_size(group=tp_group) > 1
+    ce_input = student_logits.clone() if sharded and kd_weight > 0 else student_logits
     ce_tokens = _vocab_parallel_cross_entropy(ce_input, labels, tp_group)
     ce = (ce_tokens.float() * mask).sum() / denom
     loss = (1.0 - kd_weight) * ce if kd_weight < 1 else ce.detach() * 0.0

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from salt_megatron.data import scores as S
 
@@ -32,8 +33,9 @@ def token_loss_and_topk(logits: torch.Tensor, labels: torch.Tensor, *, k: int, v
     """Per-token next-token loss (nats, fp32) and whether the label is among the k largest logits.
 
     ``logits``: this rank's vocab shard ``[..., W]``; padding columns (global index ≥ ``vocab_size``) are ignored.
-    "In the top-k" = fewer than k real columns have a strictly larger logit than the label's.  Three collectives
-    on per-token numbers (MAX; SUM of sum-exp and label logit; SUM of counts), identical results on every rank.
+    "In the top-k" = fewer than k real columns have a strictly larger logit than the label's, i.e. the label's
+    logit is at least the k-th largest.  Three collectives on per-token numbers (MAX of shard log-sum-exps; SUM of
+    their exponentials and the label logit; all-gather of each shard's k largest), identical on every rank.
     """
     width = logits.shape[-1]
     rank = torch.distributed.get_rank(group=tp_group) if tp_group is not None else 0
@@ -41,22 +43,33 @@ def token_loss_and_topk(logits: torch.Tensor, labels: torch.Tensor, *, k: int, v
     start = rank * width
     valid = max(0, min(width, vocab_size - start))
     x = logits[..., :valid].float()
-    local_max = x.amax(dim=-1) if valid else torch.full(labels.shape, float("-inf"), device=logits.device)
-    if world > 1:
-        torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
-    row_max = local_max
-    in_shard = (labels >= start) & (labels < start + valid)
-    local_label = (labels - start).clamp(0, max(valid - 1, 0))
-    label_logit = torch.where(in_shard, x.gather(-1, local_label[..., None]).squeeze(-1), torch.zeros_like(row_max)) \
-        if valid else torch.zeros_like(row_max)
-    sums = torch.stack(((x - row_max[..., None]).exp().sum(-1) if valid else torch.zeros_like(row_max), label_logit))
-    if world > 1:
+    if world == 1:  # torch's fused cross entropy is the cheapest exact path for one shard
+        loss = F.cross_entropy(x.reshape(-1, valid), labels.reshape(-1), reduction="none").view(labels.shape)
+        label_logit = x.gather(-1, labels[..., None]).squeeze(-1)
+    else:
+        # log-sum-exp per shard, combined across shards: MAX of the shard values, SUM of their exponentials
+        # relative to it (with the label's logit, which lives on one shard, in the same SUM)
+        shard_lse = torch.logsumexp(x, dim=-1) if valid else torch.full(labels.shape, float("-inf"),
+                                                                         device=logits.device)
+        top = shard_lse.clone()
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+        in_shard = (labels >= start) & (labels < start + valid)
+        local_label = (labels - start).clamp(0, max(valid - 1, 0))
+        label_logit = torch.where(in_shard, x.gather(-1, local_label[..., None]).squeeze(-1),
+                                  torch.zeros_like(top)) if valid else torch.zeros_like(top)
+        sums = torch.stack(((shard_lse - top).exp(), label_logit))
         torch.distributed.all_reduce(sums, group=tp_group)
-    loss = row_max + sums[0].log() - sums[1]
-    greater = (x > sums[1][..., None]).sum(-1).float() if valid else torch.zeros_like(row_max)
+        loss, label_logit = top + sums[0].log() - sums[1], sums[1]
+    # the k-th largest logit over the whole vocabulary: each shard's top k, gathered (k numbers per token)
+    shard_top = torch.full((*labels.shape, k), float("-inf"), device=logits.device)
+    if valid:
+        shard_top[..., :min(k, valid)] = torch.topk(x, min(k, valid), dim=-1).values
     if world > 1:
-        torch.distributed.all_reduce(greater, group=tp_group)
-    return loss, greater < k
+        gathered = [torch.empty_like(shard_top) for _ in range(world)]
+        torch.distributed.all_gather(gathered, shard_top, group=tp_group)
+        shard_top = torch.topk(torch.cat(gathered, dim=-1), k, dim=-1).values
+    kth = shard_top[..., k - 1]
+    return loss, label_logit >= kth  # ties with the k-th value count as inside (fewer than k are strictly larger)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,8 +157,8 @@ def _score_chunk(model, windows: ScoredWindows, lo: int, hi: int, args, arch, tp
                                                 vocab_size=arch.vocab_size, tp_group=tp_group)
         loss, in_topk = loss.double().cpu().numpy(), in_topk.cpu().numpy()
         keep = batch["loss_mask"].cpu().numpy() > 0
+        window_scores[ids[0] - lo:ids[-1] - lo + 1] = S.score_rows(loss, in_topk, keep)
         for row, w in enumerate(ids):
-            window_scores[w - lo] = S.score_unit(loss[row][keep[row]], in_topk[row][keep[row]])
             docs = windows.target_documents(w, args.seq_length)
             k = keep[row] & (docs >= 0)
             doc_ids.append(docs[k])

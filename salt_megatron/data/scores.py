@@ -48,6 +48,20 @@ def score_unit(losses: np.ndarray, in_topk: np.ndarray) -> tuple[float, float, f
     return salt, float(losses.mean()), float(in_topk.mean())
 
 
+def score_rows(losses: np.ndarray, in_topk: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """:func:`score_unit` for every row of ``[rows, tokens]`` arrays at once (``keep``: the tokens that count)."""
+    learnable = in_topk & keep
+    count = learnable.sum(axis=1)
+    ordered = np.sort(np.where(learnable, losses, np.inf), axis=1)
+    median = np.take_along_axis(ordered, np.maximum(count - 1, 0)[:, None] // 2, axis=1)[:, 0]
+    kept = keep.sum(axis=1)
+    out = np.empty((losses.shape[0], 3), dtype=np.float32)
+    out[:, 0] = np.where(count > 0, median, NO_LEARNABLE_TOKEN)
+    out[:, 1] = np.where(kept > 0, np.where(keep, losses, 0.0).sum(axis=1) / np.maximum(kept, 1), 0.0)
+    out[:, 2] = np.where(kept > 0, learnable.sum(axis=1) / np.maximum(kept, 1), 0.0)
+    return out
+
+
 def sidecar_paths(prefix: str) -> dict:
     base = prefix + ".salt_scores"
     return {"header": base + ".json", "samples": base + ".samples.npy", "documents": base + ".documents.npy",

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_checkpoint(args) -> dict | None:
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from salt_megatron.data.gpt_data import build_gpt_datasets, resolve_data_prefixes

@@ -91,24 +91,48 @@ def _dp_mean(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _step_plan(run: Run):
+    """This step's ω, whether the teacher runs, and (SALT_DS) whether samples come from the selected windows."""
+    omega = run.schedule.weight(run.state.step) if run.schedule is not None else 0.0
+    use_teacher = omega > 0 and run.teacher is not None and run.teacher.loaded
+    selected = run.kd_ds is not None and omega > 0
+    return omega, use_teacher, selected
+
+
+def _loss(run: Run, omega: float, batch: dict, student_logits, teacher_logits):
+    from megatron.core import parallel_state
+
+    args = run.args
+    return salt_loss(
+        student_logits, batch["labels"], teacher_logits, kd_weight=omega, temperature=args.kd_temperature,
+        loss_mask=batch["loss_mask"], vocab_size=run.arch.vocab_size,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        scale_kd_by_temperature_squared=not args.kd_no_temperature_squared, impl=args.kd_impl,
+    )
+
+
+def _step_metrics(run: Run, *, omega, use_teacher, selected, batches, start, lr, grad_norm, skipped) -> dict:
+    args = run.args
+    step_time = time.perf_counter() - start
+    return {"kd_weight": omega, "lr": lr, "step_time_s": step_time, "data": "kd_selected" if selected else "full",
+            "token_checksum": int(_dp_mean([sum(float(b["tokens"].sum()) for b in batches)])[0]
+                                  * args.data_parallel_size),
+            "tokens_per_s": args.global_batch_size * args.seq_length / step_time,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "skipped": bool(skipped), "teacher_ran": use_teacher}
+
+
 def train_step(run: Run) -> dict:
     from megatron.core import parallel_state
 
     args, state = run.args, run.state
-    omega = run.schedule.weight(state.step) if run.schedule is not None else 0.0
-    use_teacher = omega > 0 and run.teacher is not None and run.teacher.loaded
+    omega, use_teacher, selected = _step_plan(run)
     start = time.perf_counter()
-
     run.model.zero_grad_buffer()
     run.optimizer.zero_grad()
 
     def loss_func(batch, teacher_logits, student_logits):
-        out = salt_loss(
-            student_logits, batch["labels"], teacher_logits, kd_weight=omega, temperature=args.kd_temperature,
-            loss_mask=batch["loss_mask"], vocab_size=run.arch.vocab_size,
-            tp_group=parallel_state.get_tensor_model_parallel_group(),
-            scale_kd_by_temperature_squared=not args.kd_no_temperature_squared, impl=args.kd_impl,
-        )
+        out = _loss(run, omega, batch, student_logits, teacher_logits)
         logs = {"loss": out.loss.detach(), "ce": out.ce, "kd": out.kd if out.kd is not None else out.ce * 0}
         return out.loss, logs
 
@@ -122,7 +146,6 @@ def train_step(run: Run) -> dict:
         return logits, partial(loss_func, batch, teacher_logits)
 
     # SALT_DS: while the teacher is in use, samples come from the selected windows; afterwards the ordinary data
-    selected = run.kd_ds is not None and run.schedule.teacher_needed(state.step)
     batches = list(_micro_batch_iterator(run, run.kd_ds if selected else run.train_ds, state.consumed_samples))
     losses = run.forward_backward(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[run.model],
@@ -133,15 +156,10 @@ def train_step(run: Run) -> dict:
     run.scheduler.step(increment=args.global_batch_size)
     state.step += 1
     state.consumed_samples += args.global_batch_size
-    step_time = time.perf_counter() - start
 
-    metrics = {"kd_weight": omega, "lr": run.optimizer.param_groups[0]["lr"], "step_time_s": step_time,
-               "data": "kd_selected" if selected else "full",
-               "token_checksum": int(_dp_mean([sum(float(b["tokens"].sum()) for b in batches)])[0]
-                                     * args.data_parallel_size),
-               "tokens_per_s": args.global_batch_size * args.seq_length / step_time,
-               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-               "skipped": not update_successful, "teacher_ran": use_teacher}
+    metrics = _step_metrics(run, omega=omega, use_teacher=use_teacher, selected=selected, batches=batches,
+                            start=start, lr=run.optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
+                            skipped=not update_successful)
     if parallel_state.is_pipeline_last_stage():
         n = len(losses)
         means = _dp_mean([sum(float(x[k]) for x in losses) / n for k in ("loss", "ce", "kd")])
@@ -151,13 +169,9 @@ def train_step(run: Run) -> dict:
 
 def train_step_deepspeed(run: Run) -> dict:
     """The same step through a DeepSpeed engine: it accumulates over the micro-batches and steps at the boundary."""
-    from megatron.core import parallel_state
-
     args, state, engine = run.args, run.state, run.engine
-    omega = run.schedule.weight(state.step) if run.schedule is not None else 0.0
-    use_teacher = omega > 0 and run.teacher is not None and run.teacher.loaded
+    omega, use_teacher, selected = _step_plan(run)
     start = time.perf_counter()
-    selected = run.kd_ds is not None and run.schedule.teacher_needed(state.step)
     batches = list(_micro_batch_iterator(run, run.kd_ds if selected else run.train_ds, state.consumed_samples))
     parts = []
     for cpu_batch in batches:
@@ -165,29 +179,19 @@ def train_step_deepspeed(run: Run) -> dict:
         tokens, position_ids = batch["tokens"], batch["position_ids"]
         logits = engine(tokens, position_ids, causal_attention_mask(tokens.shape[1], device=tokens.device))
         teacher_logits = run.teacher.logits(tokens, position_ids) if use_teacher else None
-        out = salt_loss(
-            logits, batch["labels"], teacher_logits, kd_weight=omega, temperature=args.kd_temperature,
-            loss_mask=batch["loss_mask"], vocab_size=run.arch.vocab_size,
-            tp_group=parallel_state.get_tensor_model_parallel_group(),
-            scale_kd_by_temperature_squared=not args.kd_no_temperature_squared, impl=args.kd_impl,
-        )
+        out = _loss(run, omega, batch, logits, teacher_logits)
         engine.backward(out.loss)  # DeepSpeed divides by its gradient_accumulation_steps
         engine.step()  # an optimizer step only at the accumulation boundary
         parts.append([float(out.loss), float(out.ce), float(out.kd) if out.kd is not None else 0.0])
     run.scheduler.step(increment=args.global_batch_size)
     state.step += 1
     state.consumed_samples += args.global_batch_size
-    step_time = time.perf_counter() - start
+    metrics = _step_metrics(run, omega=omega, use_teacher=use_teacher, selected=selected, batches=batches,
+                            start=start, lr=run.scheduler.optimizer.param_groups[0]["lr"],
+                            grad_norm=engine.get_global_grad_norm(), skipped=getattr(engine, "skipped_steps", 0))
     means = _dp_mean([sum(p[i] for p in parts) / len(parts) for i in range(3)])
-    grad_norm = engine.get_global_grad_norm()
-    return {"kd_weight": omega, "lr": run.scheduler.optimizer.param_groups[0]["lr"], "step_time_s": step_time,
-            "data": "kd_selected" if selected else "full",
-            "token_checksum": int(_dp_mean([sum(float(b["tokens"].sum()) for b in batches)])[0]
-                                  * args.data_parallel_size),
-            "tokens_per_s": args.global_batch_size * args.seq_length / step_time,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "skipped": bool(getattr(engine, "skipped_steps", 0)), "teacher_ran": use_teacher,
-            "loss": means[0], "ce": means[1], "kd": means[2] if omega > 0 else None}
+    metrics.update(loss=means[0], ce=means[1], kd=means[2] if omega > 0 else None)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
