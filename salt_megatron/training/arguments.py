@@ -86,7 +86,7 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--eval-interval", type=int, default=None, help="default: only at the end")
-    g.add_argument("--eval-iters", type=int, default=10, help="validation micro... global batches per evaluation")
+    g.add_argument("--eval-iters", type=int, default=10, help="global batches per evaluation")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--metrics-file", default=None, help="append one JSON line per log/eval event (rank last)")
 
