@@ -1,0 +1,203 @@
+"""The launchers in examples/ run end to end in their CPU smoke mode (SALT_SMOKE=1: gloo, 2 processes, tiny sizes).
+
+One module-scoped chain makes the shared data and teacher through the scripts themselves: pretrain_salt_gpt.sh
+with neither DATA_PATH nor TEACHER set runs prepare_data.sh, then train_teacher.sh, then the student.  The other
+launchers reuse that dataset and teacher.  Each launcher's wall time is printed (pytest -s shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+SCRIPTS = sorted([*EXAMPLES.glob("*.sh"), *EXAMPLES.glob("*.sbatch")])
+CONFIGS = EXAMPLES / "configs"
+
+# everything the scripts read: a developer's shell must not steer the tests
+SCRIPT_VARS = {
+    "SALT_SMOKE", "SALT_WORKDIR", "SALT_REPO", "PYTHON", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+    "GPUS_PER_NODE", "DATA_PATH", "TEACHER", "SAVE", "CONFIG", "TP", "PP", "TRAIN_ITERS", "KD_STEPS", "KD_WEIGHT",
+    "KD_TEMPERATURE", "KD_TRANSITION", "KD_DATA_SELECTION", "KD_SELECT_FRACTION", "MICRO_BATCH", "GLOBAL_BATCH",
+    "SEQ_LENGTH", "LR", "MIN_LR", "SAVE_INTERVAL", "DIST_BACKEND", "EXTRA_ARGS", "INPUT", "CORPUS", "VALID_INPUT",
+    "VALID_FRACTION", "OUTPUT_PREFIX", "VOCAB_SIZE", "TOKENIZER_MODEL", "WORKERS", "JSON_KEY", "SPLIT", "SEED",
+    "SCORE_TOPK", "DS_CONFIG", "HOSTFILE", "LAUNCHER", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+}
+STUDENT_ITERS = 6
+TEACHER_ITERS = 8
+
+
+def _env(workdir, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS and not k.startswith("SLURM_")}
+    env.update(PYTHON=sys.executable, SALT_SMOKE="1", SALT_WORKDIR=str(workdir))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _run(script: str, env: dict, *, expect_ok: bool = True, timeout: int = 900) -> str:
+    start = time.time()
+    proc = subprocess.run(["bash", str(EXAMPLES / script)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    out = proc.stdout + proc.stderr
+    print(f"\n[{script}: {time.time() - start:.1f} s, exit {proc.returncode}]")
+    if expect_ok:
+        assert proc.returncode == 0, f"{script} failed with exit {proc.returncode}:\n{out[-6000:]}"
+    return out
+
+
+def _checkpoint_step(save_dir: Path) -> int:
+    return int((save_dir / "latest_checkpointed_iteration.txt").read_text().strip())
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """pretrain_salt_gpt.sh from nothing: it prepares the data, trains the teacher, then the SALT student."""
+    work = tmp_path_factory.mktemp("salt_examples")
+    out = _run("pretrain_salt_gpt.sh", _env(work))
+    return {"work": work, "data": work / "data" / "sotu_smoke", "teacher": work / "teacher", "output": out}
+
+
+@pytest.fixture(scope="module")
+def scored(chain):
+    """score_corpus.sh: the chain's teacher scores the chain's training windows (the SALT_DS sidecar)."""
+    out = _run("score_corpus.sh", _env(chain["work"], DATA_PATH=chain["data"], TEACHER=chain["teacher"]))
+    return out
+
+
+def test_student_launcher_builds_data_and_teacher_then_trains_with_kd(chain):
+    data, teacher, work = chain["data"], chain["teacher"], chain["work"]
+    for suffix in (".model", "_train.bin", "_train.idx", "_valid.bin", "_valid.idx", ".json"):
+        assert Path(f"{data}{suffix}").is_file(), suffix
+    assert json.loads(Path(f"{data}.json").read_text())["vocab_size"] == 512
+    assert _checkpoint_step(teacher) == TEACHER_ITERS
+    student = work / "student"
+    assert _checkpoint_step(student) == STUDENT_ITERS
+    meta = json.loads((student / f"iter_{STUDENT_ITERS:07d}" / "salt_meta.json").read_text())
+    assert meta["step"] == STUDENT_ITERS
+    out = chain["output"]
+    assert "teacher: 2 layers x 32" in out  # the teacher ran...
+    assert "KD for steps [0, 1)" in out  # ... for round(0.17 x 6) = 1 step
+    assert "teacher released" in out
+    assert "--distributed-backend gloo" in out and "--nproc-per-node 2" in out
+
+
+def test_score_launcher_writes_the_sidecar(chain, scored):
+    prefix = f"{chain['data']}_train"
+    for suffix in (".salt_scores.json", ".salt_scores.samples.npy", ".salt_scores.documents.npy"):
+        assert Path(prefix + suffix).is_file(), suffix
+    header = json.loads(Path(prefix + ".salt_scores.json").read_text())
+    assert header["seq_length"] == 32
+
+
+def test_sbatch_without_slurm_runs_locally_with_salt_ds(chain, scored, tmp_path):
+    save = tmp_path / "student_ds"
+    out = _run("pretrain_salt_slurm.sbatch", _env(chain["work"], DATA_PATH=chain["data"], TEACHER=chain["teacher"],
+                                                  SAVE=save, KD_DATA_SELECTION="top", KD_SELECT_FRACTION="0.5"))
+    assert "running the launcher locally" in out
+    assert "SALT_DS: KD phase draws from" in out
+    assert _checkpoint_step(save) == STUDENT_ITERS
+
+
+def test_sbatch_under_slurm_starts_one_launcher_per_node(tmp_path):
+    """A fake scontrol/srun: the SLURM branch derives the rendezvous and hands srun one task per node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "srun.txt"
+    fakes = {
+        "scontrol": "#!/usr/bin/env bash\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n",
+        "srun": "#!/usr/bin/env bash\n{ echo \"ARGS $*\"; env | grep -E '^(MASTER_ADDR|MASTER_PORT|NNODES|"
+                "GPUS_PER_NODE|NODE_RANK)=' | sort; } > \"$SRUN_RECORD\"\n",
+    }
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = _env(tmp_path, SALT_SMOKE="0", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SRUN_RECORD=record,
+               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_NNODES="2",
+               SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=REPO, NODE_RANK="5")
+    _run("pretrain_salt_slurm.sbatch", env)
+    lines = record.read_text().splitlines()
+    assert lines[0].startswith("ARGS --kill-on-bad-exit=1 --nodes=2 --ntasks=2 --ntasks-per-node=1 bash ")
+    assert lines[0].endswith("/examples/pretrain_salt_gpt.sh")
+    assert sorted(lines[1:]) == ["GPUS_PER_NODE=4", "MASTER_ADDR=gpu-node-07", f"MASTER_PORT={20000 + 4242}",
+                                 "NNODES=2"]  # NODE_RANK unset: each task's SLURM_NODEID
+
+
+def test_deepspeed_launcher_zero1_fp32_with_salt(chain, tmp_path):
+    pytest.importorskip("deepspeed")
+    save = tmp_path / "student_ds"
+    out = _run("pretrain_salt_deepspeed.sh", _env(chain["work"], DATA_PATH=chain["data"], TEACHER=chain["teacher"],
+                                                  SAVE=save))
+    assert "deepspeed.launcher.runner" in out and "--no_local_rank" in out
+    assert "teacher released" in out
+    assert _checkpoint_step(save) == STUDENT_ITERS
+    assert (save / f"iter_{STUDENT_ITERS:07d}" / "deepspeed").is_dir()
+
+
+def test_without_smoke_the_launchers_ask_for_their_inputs(tmp_path):
+    env = _env(tmp_path, SALT_SMOKE="0")
+    for script in ("pretrain_salt_gpt.sh", "train_teacher.sh", "score_corpus.sh", "pretrain_salt_deepspeed.sh"):
+        out = _run(script, env, expect_ok=False)
+        assert "set DATA_PATH" in out, script
+    assert "set INPUT" in _run("prepare_data.sh", env, expect_ok=False)
+    assert "not inside a SLURM job" in _run("pretrain_salt_slurm.sbatch", env, expect_ok=False)
+    out = _run("pretrain_salt_gpt.sh", _env(tmp_path, SALT_SMOKE="0", DATA_PATH=tmp_path / "x"), expect_ok=False)
+    assert "no teacher checkpoint" in out
+
+
+def test_scripts_are_executable_bash_with_strict_mode():
+    assert {p.name for p in SCRIPTS} >= {"pretrain_salt_gpt.sh", "pretrain_salt_slurm.sbatch",
+                                         "pretrain_salt_deepspeed.sh", "train_teacher.sh", "score_corpus.sh",
+                                         "prepare_data.sh"}
+    for path in SCRIPTS:
+        text = path.read_text()
+        assert text.startswith("#!/usr/bin/env bash\n"), path.name
+        assert "\nset -euo pipefail\n" in text, path.name
+        assert path.stat().st_mode & stat.S_IXUSR, f"{path.name} is not executable"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_shellcheck_is_clean():
+    proc = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=EXAMPLES, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", ["paper_1p5b_teacher.yaml", "paper_2p8b_student.yaml"])
+def test_paper_configs_are_valid_flags(name, monkeypatch):
+    from salt_megatron.training import arguments
+    from salt_megatron.training.arguments import build_pretrain_parser, parse_with_config, validate_pretrain_args
+
+    path = str(CONFIGS / name)
+    argv = ["--config", path, "--data-path", "x"]
+    assert parse_with_config(build_pretrain_parser(), argv).config == path  # loads with nothing else given
+    argv += ["--save", "ckpt/run"]  # the presets set --save-interval
+    if "student" in name:
+        argv += ["--teacher-load", "ckpt/slm"]
+    args = parse_with_config(build_pretrain_parser(), argv)
+    assert args.seq_length == 2048 and args.bf16
+    if "student" in name:
+        assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (32, 2560, 32)
+        assert args.kd_steps == round(0.17 * args.train_iters)
+    else:
+        assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (24, 2048, 16)
+        assert args.kd_steps is None
+    # consistent as a whole on 2 nodes x 8 GPUs (bf16 needs a GPU: pretend there is one)
+    monkeypatch.setattr(arguments, "_cuda_available", lambda: True)
+    validate_pretrain_args(args, world_size=16)
+
+
+def test_teacher_and_student_presets_share_the_padded_vocabulary():
+    import yaml
+
+    teacher = yaml.safe_load((CONFIGS / "paper_1p5b_teacher.yaml").read_text())
+    student = yaml.safe_load((CONFIGS / "paper_2p8b_student.yaml").read_text())
+    for key in ("tensor-model-parallel-size", "make-vocab-size-divisible-by", "seq-length", "seed"):
+        assert teacher[key] == student[key], key
