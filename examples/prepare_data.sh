@@ -22,15 +22,16 @@
 #   EXTRA_ARGS       more `prepare` flags, split on whitespace                                                 []
 set -euo pipefail
 
-PYTHON="${PYTHON:-python3}"
-SMOKE="${SALT_SMOKE:-0}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=common.sh
+source "$HERE/common.sh"
+salt_init
+
 if [[ "$SMOKE" == 1 ]]; then
-  WORKDIR="${SALT_WORKDIR:-$PWD/runs/smoke}"
   OUTPUT_PREFIX="${OUTPUT_PREFIX:-$WORKDIR/data/sotu_smoke}"
   VOCAB_SIZE="${VOCAB_SIZE:-512}"
   WORKERS="${WORKERS:-1}"
 else
-  WORKDIR="${SALT_WORKDIR:-$PWD/runs}"
   OUTPUT_PREFIX="${OUTPUT_PREFIX:-$WORKDIR/data/corpus}"
   VOCAB_SIZE="${VOCAB_SIZE:-32000}"
   WORKERS="${WORKERS:-}"
@@ -89,9 +90,5 @@ fi
 if [[ -n "$WORKERS" ]]; then
   args+=(--workers "$WORKERS")
 fi
-read -r -a extra <<< "${EXTRA_ARGS:-}"
-args+=(${extra[@]+"${extra[@]}"})
-
-cmd=("$PYTHON" -m salt_megatron.cli prepare "${args[@]}")
-echo "+ ${cmd[*]}" >&2
-exec "${cmd[@]}"
+salt_extra_args
+salt_exec "$PYTHON" -m salt_megatron.cli prepare "${args[@]}"

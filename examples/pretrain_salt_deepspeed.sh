@@ -41,25 +41,18 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python3}"
-SMOKE="${SALT_SMOKE:-0}"
-free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shellcheck source=common.sh
+source "$HERE/common.sh"
+salt_init
+salt_launch_defaults deepspeed
 
-NNODES="${NNODES:-1}"
-HOSTFILE="${HOSTFILE:-}"
 model_args=()
 if [[ "$SMOKE" == 1 ]]; then
-  WORKDIR="${SALT_WORKDIR:-$PWD/runs/smoke}"
-  GPUS_PER_NODE="${GPUS_PER_NODE:-2}"
-  MASTER_PORT="${MASTER_PORT:-$(free_port)}"
   CONFIG="${CONFIG:-}"
   TP="${TP:-1}" TRAIN_ITERS="${TRAIN_ITERS:-6}" MICRO_BATCH="${MICRO_BATCH:-2}"
   SEQ_LENGTH="${SEQ_LENGTH:-32}" LR="${LR:-3e-3}" MIN_LR="${MIN_LR:-3e-4}" DIST_BACKEND="${DIST_BACKEND:-gloo}"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # torchrun does this itself; the deepspeed launcher does not
-  if [[ -z "$CONFIG" ]]; then
-    model_args=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --make-vocab-size-divisible-by 16
-                --eval-iters 1 --log-interval 1)
-  fi
+  salt_smoke_model_args 64 4
   if [[ -z "${DS_CONFIG:-}" ]]; then
     # DeepSpeed's bf16 on a CPU is not something to rely on: the smoke run is ZeRO-1 in fp32
     tmp_dir="$(mktemp -d)"
@@ -74,69 +67,24 @@ if [[ "$SMOKE" == 1 ]]; then
 }
 EOF
   fi
-  if [[ -z "${DATA_PATH:-}" ]]; then
-    DATA_PATH="$WORKDIR/data/sotu_smoke"
-    if [[ ! -f "${DATA_PATH}_valid.idx" ]]; then
-      SALT_WORKDIR="$WORKDIR" OUTPUT_PREFIX="$DATA_PATH" INPUT="" VALID_INPUT="" TOKENIZER_MODEL="" EXTRA_ARGS="" \
-        bash "$HERE/prepare_data.sh"
-    fi
-  fi
-  if [[ -z "${TEACHER:-}" ]]; then
-    TEACHER="$WORKDIR/teacher"
-    if [[ ! -f "$TEACHER/latest_checkpointed_iteration.txt" ]]; then
-      SALT_WORKDIR="$WORKDIR" DATA_PATH="$DATA_PATH" SAVE="$TEACHER" CONFIG="" TP="$TP" PP="" TRAIN_ITERS="" \
-        MICRO_BATCH="" GLOBAL_BATCH="" SEQ_LENGTH="$SEQ_LENGTH" LR="" MIN_LR="" SAVE_INTERVAL="" EXTRA_ARGS="" \
-        MASTER_PORT="" NNODES=1 NODE_RANK=0 bash "$HERE/train_teacher.sh"
-    fi
-  fi
+  salt_smoke_dataset
+  # NNODES here counts the HOSTFILE's nodes: the teacher's torchrun is this node alone
+  salt_smoke_teacher "$TP" NNODES=1 NODE_RANK=0
 else
-  WORKDIR="${SALT_WORKDIR:-$PWD/runs}"
-  GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
-  MASTER_PORT="${MASTER_PORT:-29500}"
   CONFIG="${CONFIG:-$HERE/configs/paper_2p8b_student.yaml}"
   DS_CONFIG="${DS_CONFIG:-$HERE/ds_config_zero1.json}"
 fi
 : "${DATA_PATH:?set DATA_PATH to the dataset prefix written by prepare_data.sh (or SALT_SMOKE=1)}"
 TEACHER="${TEACHER:-$WORKDIR/teacher}"
-if [[ ! -e "$TEACHER" ]]; then
-  echo "pretrain_salt_deepspeed.sh: no teacher checkpoint at TEACHER=$TEACHER: train one with examples/train_teacher.sh" >&2
-  exit 2
-fi
+salt_require_teacher
 if [[ "$NNODES" -gt 1 && -z "$HOSTFILE" ]]; then
   echo "pretrain_salt_deepspeed.sh: NNODES=$NNODES needs a HOSTFILE (lines \"host slots=N\")" >&2
   exit 2
 fi
 SAVE="${SAVE:-$WORKDIR/student_ds}"
-KD_STEPS="${KD_STEPS:-}"
-if [[ -z "$KD_STEPS" && -n "${TRAIN_ITERS:-}" ]]; then
-  KD_STEPS=$(( (17 * TRAIN_ITERS + 50) / 100 ))  # the paper's n_KD: about 17% of the student's steps
-fi
 
 args=(--deepspeed --deepspeed-config "$DS_CONFIG")
-flag() { if [[ -n "${2:-}" ]]; then args+=("$1" "$2"); fi; }
-flag --config "$CONFIG"
-args+=(${model_args[@]+"${model_args[@]}"})
-flag --data-path "$DATA_PATH"
-flag --save "$SAVE"
-flag --load "$SAVE"
-flag --teacher-load "$TEACHER"
-flag --kd-steps "$KD_STEPS"
-flag --kd-weight "${KD_WEIGHT:-}"
-flag --kd-temperature "${KD_TEMPERATURE:-}"
-flag --kd-transition "${KD_TRANSITION:-}"
-flag --kd-data-selection "${KD_DATA_SELECTION:-}"
-flag --kd-select-fraction "${KD_SELECT_FRACTION:-}"
-flag --tensor-model-parallel-size "${TP:-}"
-flag --train-iters "${TRAIN_ITERS:-}"
-flag --micro-batch-size "${MICRO_BATCH:-}"
-flag --global-batch-size "${GLOBAL_BATCH:-}"
-flag --seq-length "${SEQ_LENGTH:-}"
-flag --lr "${LR:-}"
-flag --min-lr "${MIN_LR:-}"
-flag --save-interval "${SAVE_INTERVAL:-}"
-flag --distributed-backend "${DIST_BACKEND:-}"
-read -r -a extra <<< "${EXTRA_ARGS:-}"
-args+=(${extra[@]+"${extra[@]}"})
+salt_pretrain_args --kd
 
 launcher=("$PYTHON" -m deepspeed.launcher.runner)
 if [[ -n "$HOSTFILE" ]]; then

@@ -30,56 +30,28 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python3}"
-SMOKE="${SALT_SMOKE:-0}"
-free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shellcheck source=common.sh
+source "$HERE/common.sh"
+salt_init
+salt_launch_defaults torchrun
 
-NNODES="${NNODES:-${SLURM_NNODES:-1}}"
-NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
-MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 smoke_args=()
 if [[ "$SMOKE" == 1 ]]; then
-  WORKDIR="${SALT_WORKDIR:-$PWD/runs/smoke}"
-  GPUS_PER_NODE="${GPUS_PER_NODE:-2}"
-  MASTER_PORT="${MASTER_PORT:-$(free_port)}"
   SEQ_LENGTH="${SEQ_LENGTH:-32}" MICRO_BATCH="${MICRO_BATCH:-4}" DIST_BACKEND="${DIST_BACKEND:-gloo}"
   smoke_args=(--no-progress --score-chunk-windows 64)
-  if [[ -z "${DATA_PATH:-}" ]]; then
-    DATA_PATH="$WORKDIR/data/sotu_smoke"
-    if [[ ! -f "${DATA_PATH}_valid.idx" ]]; then
-      SALT_WORKDIR="$WORKDIR" OUTPUT_PREFIX="$DATA_PATH" INPUT="" VALID_INPUT="" TOKENIZER_MODEL="" EXTRA_ARGS="" \
-        bash "$HERE/prepare_data.sh"
-    fi
-  fi
-  if [[ -z "${TEACHER:-}" ]]; then
-    TEACHER="$WORKDIR/teacher"
-    if [[ ! -f "$TEACHER/latest_checkpointed_iteration.txt" ]]; then
-      SALT_WORKDIR="$WORKDIR" DATA_PATH="$DATA_PATH" SAVE="$TEACHER" CONFIG="" TP="" PP="" TRAIN_ITERS="" \
-        MICRO_BATCH="" GLOBAL_BATCH="" SEQ_LENGTH="$SEQ_LENGTH" LR="" MIN_LR="" SAVE_INTERVAL="" EXTRA_ARGS="" \
-        MASTER_PORT="" bash "$HERE/train_teacher.sh"
-    fi
-  fi
-else
-  WORKDIR="${SALT_WORKDIR:-$PWD/runs}"
-  GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
-  MASTER_PORT="${MASTER_PORT:-29500}"
+  salt_smoke_dataset
+  salt_smoke_teacher ""  # the teacher trains with its own smoke TP
 fi
 : "${DATA_PATH:?set DATA_PATH to the dataset prefix written by prepare_data.sh (or SALT_SMOKE=1)}"
 TEACHER="${TEACHER:-$WORKDIR/teacher}"
 
 args=(--load "$TEACHER" --data-path "$DATA_PATH" ${smoke_args[@]+"${smoke_args[@]}"})
-flag() { if [[ -n "${2:-}" ]]; then args+=("$1" "$2"); fi; }
-flag --split "${SPLIT:-}"
-flag --seq-length "${SEQ_LENGTH:-}"
-flag --seed "${SEED:-}"
-flag --tensor-model-parallel-size "${TP:-}"
-flag --micro-batch-size "${MICRO_BATCH:-}"
-flag --score-topk "${SCORE_TOPK:-}"
-flag --distributed-backend "${DIST_BACKEND:-}"
-read -r -a extra <<< "${EXTRA_ARGS:-}"
-args+=(${extra[@]+"${extra[@]}"})
-
-cmd=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE"
-     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m salt_megatron.cli score "${args[@]}")
-echo "+ ${cmd[*]}" >&2
-exec "${cmd[@]}"
+salt_flag --split "${SPLIT:-}"
+salt_flag --seq-length "${SEQ_LENGTH:-}"
+salt_flag --seed "${SEED:-}"
+salt_flag --tensor-model-parallel-size "${TP:-}"
+salt_flag --micro-batch-size "${MICRO_BATCH:-}"
+salt_flag --score-topk "${SCORE_TOPK:-}"
+salt_flag --distributed-backend "${DIST_BACKEND:-}"
+salt_extra_args
+salt_torchrun score "${args[@]}"

@@ -20,7 +20,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
-SCRIPTS = sorted([*EXAMPLES.glob("*.sh"), *EXAMPLES.glob("*.sbatch")])
+LIBRARY = EXAMPLES / "common.sh"  # sourced by the launchers, never run: not a launcher itself
+SCRIPTS = sorted(p for p in [*EXAMPLES.glob("*.sh"), *EXAMPLES.glob("*.sbatch")] if p != LIBRARY)
 CONFIGS = EXAMPLES / "configs"
 
 # everything the scripts read: a developer's shell must not steer the tests
@@ -162,11 +163,13 @@ def test_scripts_are_executable_bash_with_strict_mode():
         assert text.startswith("#!/usr/bin/env bash\n"), path.name
         assert "\nset -euo pipefail\n" in text, path.name
         assert path.stat().st_mode & stat.S_IXUSR, f"{path.name} is not executable"
+    assert not LIBRARY.stat().st_mode & stat.S_IXUSR, f"{LIBRARY.name} is sourced, not run: it must not be executable"
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck_is_clean():
-    proc = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=EXAMPLES, capture_output=True, text=True)
+    proc = subprocess.run(["shellcheck", "-x", *map(str, [*SCRIPTS, LIBRARY])], cwd=EXAMPLES, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
