@@ -35,9 +35,8 @@ def main():
 
     import torch
 
-    from salt_megatron.data.corpora import export_sotu
+    from salt_megatron.data.corpora import prepare_sotu
     from salt_megatron.data.gpt_data import build_gpt_datasets, collate
-    from salt_megatron.data.prepare import prepare
     from salt_megatron.data.tokenizer import load_tokenizer
     from salt_megatron.distributed import initialize_distributed
     from salt_megatron.kd_loss import salt_loss
@@ -45,10 +44,7 @@ def main():
     from salt_megatron.scoring import ScoredWindows, _score_chunk
 
     work = args.workdir or tempfile.mkdtemp(prefix="salt_scoring_bench_")
-    prefix = os.path.join(work, "sotu")
-    if not os.path.exists(prefix + "_train.idx"):
-        train_jsonl, valid_jsonl = export_sotu(os.path.join(work, "text"))
-        prepare([train_jsonl], prefix, vocab_size=VOCAB, valid_inputs=[valid_jsonl], workers=2, progress=False)
+    prefix = prepare_sotu(work, VOCAB)
     initialize_distributed(1, 1)
     from megatron.core import parallel_state, tensor_parallel
 

@@ -40,16 +40,12 @@ def main():
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
-    from salt_megatron.data.corpora import export_sotu
-    from salt_megatron.data.prepare import prepare
+    from salt_megatron.data.corpora import prepare_sotu
     from salt_megatron.model import GPTArchitecture, pad_vocab_size
     from salt_megatron.training.pretrain import main_returning
 
     work = args.workdir or tempfile.mkdtemp(prefix="salt_step_overhead_")
-    prefix = os.path.join(work, "sotu")
-    if not os.path.exists(prefix + "_train.idx"):
-        train_jsonl, valid_jsonl = export_sotu(os.path.join(work, "text"))
-        prepare([train_jsonl], prefix, vocab_size=VOCAB, valid_inputs=[valid_jsonl], workers=2, progress=False)
+    prefix = prepare_sotu(work, VOCAB)
     common = ["--data-path", prefix, "--seq-length", str(SEQ), "--micro-batch-size", str(MBS), "--eval-iters", "1",
               "--log-interval", "1000"]
     teacher_dir = os.path.join(work, "teacher")

@@ -1,23 +1,12 @@
 // Thin torch binding of the CPU kernel (csrc/kl_div_cpu.cpp): checks the tensors, passes pointers and strides.
 #include <torch/extension.h>
 
+#include "binding_common.h"
 #include "salt_kl.h"
 
 namespace {
 
-int dtype_code(const at::Tensor& x, const char* name) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return SALT_KL_FLOAT32;
-    case at::kBFloat16:
-      return SALT_KL_BFLOAT16;
-    case at::kHalf:
-      return SALT_KL_FLOAT16;
-    default:
-      TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
-  }
-  return -1;
-}
+using salt_kl_binding::dtype_code;
 
 void check_logits(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");

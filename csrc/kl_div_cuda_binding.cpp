@@ -3,23 +3,12 @@
 // (torch.cuda.current_stream().cuda_stream) inside a device guard.  Only torch/extension.h: no CUDA header.
 #include <torch/extension.h>
 
+#include "binding_common.h"
 #include "salt_kl.h"
 
 namespace {
 
-int dtype_code(const at::Tensor& x, const char* name) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return SALT_KL_FLOAT32;
-    case at::kBFloat16:
-      return SALT_KL_BFLOAT16;
-    case at::kHalf:
-      return SALT_KL_FLOAT16;
-    default:
-      TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
-  }
-  return -1;
-}
+using salt_kl_binding::dtype_code;
 
 void check_logits(const at::Tensor& x, const at::Tensor& like, const char* name) {
   TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor");

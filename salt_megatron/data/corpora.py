@@ -49,3 +49,14 @@ def export_sotu(out_dir: str, valid_from_year: int = DEFAULT_VALID_FROM_YEAR) ->
     _write_jsonl(paths[0], train)
     _write_jsonl(paths[1], valid)
     return paths
+
+
+def prepare_sotu(work_dir: str, vocab_size: int) -> str:
+    """The SOTU corpus as ``prepare`` output under ``work_dir`` (made once, reused); returns the data prefix."""
+    from salt_megatron.data.prepare import prepare
+
+    prefix = os.path.join(work_dir, "sotu")
+    if not os.path.exists(prefix + "_train.idx"):
+        train_jsonl, valid_jsonl = export_sotu(os.path.join(work_dir, "text"))
+        prepare([train_jsonl], prefix, vocab_size=vocab_size, valid_inputs=[valid_jsonl], workers=2, progress=False)
+    return prefix
