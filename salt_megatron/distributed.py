@@ -40,9 +40,11 @@ def initialize_distributed(
             f" x pipeline-model-parallel-size ({pipeline_model_parallel_size})"
         )
 
+    device_id = None
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
         torch.cuda.set_device(local_rank)
+        device_id = torch.device("cuda", local_rank)  # nccl binds this rank's GPU instead of guessing it
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -58,6 +60,7 @@ def initialize_distributed(
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            **({"device_id": device_id} if device_id is not None and backend == "nccl" else {}),
         )
 
     if parallel_state.model_parallel_is_initialized():

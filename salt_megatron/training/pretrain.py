@@ -363,7 +363,11 @@ def setup(args) -> Run:
     from salt_megatron.teacher import Teacher, check_teacher_checkpoint
 
     # cheap checks first: data files, tokenizer, teacher metadata, resume point
-    train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path, args.valid_data_path)
+    try:
+        train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path,
+                                                           args.valid_data_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"salt-megatron: refusing to start: {e}") from None
     tokenizer_model = args.tokenizer_model or _default_tokenizer(args, train_prefix)
     tokenizer = load_tokenizer(tokenizer_model)
     padded = pad_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size, args.make_vocab_size_divisible_by)
