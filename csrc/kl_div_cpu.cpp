@@ -226,13 +226,14 @@ SALT_INLINE void stats_row(const TS* s, const TT* t, int64_t width, float inv_t,
 
 template <typename TS, typename TT>
 SALT_INLINE void grad_row(const TS* s, const TT* t, int64_t width, float inv_t, float max_s, float log_sum_s,
-                          float max_t, float log_sum_t, float g, TS* out) {
-  const float gs = g * inv_t;
+                          float max_t, float log_sum_t, float g, float g_teacher, TS* out) {
+  const float gq = g * inv_t;
+  const float gp = g_teacher * inv_t;
 #pragma omp simd
   for (int64_t j = 0; j < width; ++j) {
     const float q = exp_approx((to_float(s[j]) - max_s) * inv_t - log_sum_s);
     const float p = exp_approx((to_float(t[j]) - max_t) * inv_t - log_sum_t);
-    out[j] = from_float<TS>((q - p) * gs);
+    out[j] = from_float<TS>(q * gq - p * gp);
   }
 }
 
@@ -251,6 +252,7 @@ struct Args {
   const float* max_t;
   const float* log_sum_t;
   const float* grad_rows;
+  const float* teacher_grad_rows;  // NULL: the same as grad_rows
   void* out;
   int64_t out_stride;
 };
@@ -273,7 +275,8 @@ SALT_INLINE void grad_range(const Args& a, int64_t lo, int64_t hi) {
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t r = a.row_index ? a.row_index[i] : i;
     grad_row(s + r * a.s_stride, t + r * a.t_stride, a.width, a.inv_t, a.max_s[i], a.log_sum_s[i], a.max_t[i],
-             a.log_sum_t[i], a.grad_rows[i], out + r * a.out_stride);
+             a.log_sum_t[i], a.grad_rows[i], a.teacher_grad_rows ? a.teacher_grad_rows[i] : a.grad_rows[i],
+             out + r * a.out_stride);
   }
 }
 
@@ -351,8 +354,9 @@ extern "C" int salt_kl_student_grad_cpu(const void* student, int64_t student_row
                                         const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
                                         int64_t rows, int64_t width, const int64_t* row_index, const float* max_s,
                                         const float* log_sum_s, const float* max_t, const float* log_sum_t,
-                                        const float* grad_rows, float inv_temperature, void* out,
-                                        int64_t out_row_stride, int num_threads) {
+                                        const float* grad_rows, const float* teacher_grad_rows,
+                                        float inv_temperature, void* out, int64_t out_row_stride,
+                                        int num_threads) {
   if (!valid_dtype(student_dtype) || !valid_dtype(teacher_dtype) || rows < 0 || width < 0) return 1;
   if (width == 0) return 0;
   Args a{};
@@ -368,6 +372,7 @@ extern "C" int salt_kl_student_grad_cpu(const void* student, int64_t student_row
   a.max_t = max_t;
   a.log_sum_t = log_sum_t;
   a.grad_rows = grad_rows;
+  a.teacher_grad_rows = teacher_grad_rows;
   a.out = out;
   a.out_stride = out_row_stride;
   run_rows(kGrad[student_dtype][teacher_dtype], a, rows, num_threads);

@@ -48,7 +48,7 @@ at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, doubl
 void student_grad(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& max_s,
                   const at::Tensor& log_sum_s, const at::Tensor& max_t, const at::Tensor& log_sum_t,
                   const at::Tensor& grad_rows, double temperature, at::Tensor& out,
-                  const c10::optional<at::Tensor>& row_index) {
+                  const c10::optional<at::Tensor>& row_index, const c10::optional<at::Tensor>& teacher_grad_rows) {
   check_logits(student, "student");
   check_logits(teacher, "teacher");
   check_logits(out, "out");
@@ -60,10 +60,11 @@ void student_grad(const at::Tensor& student, const at::Tensor& teacher, const at
   const int64_t* index = row_index_ptr(row_index, index_holder, student.size(0));
   const int64_t rows = index ? index_holder.numel() : student.size(0);
   // O(rows) vectors: fp32 and contiguous (the upstream gradient is often an expanded scalar)
-  at::Tensor vec[5] = {max_s, log_sum_s, max_t, log_sum_t, grad_rows};
+  at::Tensor vec[6] = {max_s, log_sum_s, max_t, log_sum_t, grad_rows,
+                       teacher_grad_rows.has_value() ? *teacher_grad_rows : grad_rows};
   for (auto& v : vec) {
     TORCH_CHECK(v.device().is_cpu() && v.numel() == rows,
-                "max_s, log_sum_s, max_t, log_sum_t and grad_rows must be CPU vectors of one entry per processed row (",
+                "max_s, log_sum_s, max_t, log_sum_t and grad_rows (and teacher_grad_rows) must be CPU vectors of one entry per processed row (",
                 rows, ")");
     v = v.to(at::kFloat).contiguous();
   }
@@ -71,7 +72,8 @@ void student_grad(const at::Tensor& student, const at::Tensor& teacher, const at
       student.data_ptr(), student.stride(0), dtype_code(student, "student"), teacher.data_ptr(), teacher.stride(0),
       dtype_code(teacher, "teacher"), rows, student.size(1), index, vec[0].data_ptr<float>(),
       vec[1].data_ptr<float>(), vec[2].data_ptr<float>(), vec[3].data_ptr<float>(), vec[4].data_ptr<float>(),
-      static_cast<float>(1.0 / temperature), out.data_ptr(), out.stride(0), at::get_num_threads());
+      vec[5].data_ptr<float>(), static_cast<float>(1.0 / temperature), out.data_ptr(), out.stride(0),
+      at::get_num_threads());
   TORCH_CHECK(rc == 0, "salt_kl_student_grad_cpu failed (", rc, ")");
 }
 
@@ -85,5 +87,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("student_grad", &student_grad, "write (softmax(s/τ) - softmax(t/τ))/τ · grad_rows into out",
         py::arg("student"), py::arg("teacher"), py::arg("max_s"), py::arg("log_sum_s"), py::arg("max_t"),
         py::arg("log_sum_t"), py::arg("grad_rows"), py::arg("temperature"), py::arg("out"),
-        py::arg("row_index") = py::none());
+        py::arg("row_index") = py::none(), py::arg("teacher_grad_rows") = py::none());
 }

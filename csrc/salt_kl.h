@@ -12,6 +12,9 @@
 //                 width == 0 gives -inf, 0, -inf, 0, 0.
 //   student_grad: out[r, j] = (exp((s - max_s[i])/τ - log_sum_s[i]) - exp((t - max_t[i])/τ - log_sum_t[i]))
 //                             / τ · grad_rows[i]
+//                 The CPU kernel also takes teacher_grad_rows (NULL: = grad_rows) to weight the two terms apart,
+//                   out[r, j] = (q · grad_rows[i] - p · teacher_grad_rows[i]) / τ,
+//                 which lets a next-token CE gradient (q - onehot at τ = 1) be written in the same pass.
 //                 with the global (all-shard) row maxima and log-sums; fp32 math, cast to the student's dtype;
 //                 rows not listed in row_index are not touched.
 // Strides are in elements; the last dimension is contiguous.  `inv_temperature` = 1/τ.
@@ -25,7 +28,7 @@ extern "C" {
 
 // Bumped whenever the contract or the bindings' signatures change; salt_megatron/fused.py refuses a compiled
 // extension of another version (a stale in-place build) and compiles the sources instead.
-#define SALT_KL_CONTRACT_VERSION 1
+#define SALT_KL_CONTRACT_VERSION 2
 
 // dtype codes (the same numbers on the Python side, salt_megatron/fused.py)
 enum salt_kl_dtype { SALT_KL_FLOAT32 = 0, SALT_KL_BFLOAT16 = 1, SALT_KL_FLOAT16 = 2 };
@@ -40,8 +43,8 @@ int salt_kl_student_grad_cpu(const void* student, int64_t student_row_stride, in
                              const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
                              int64_t rows, int64_t width, const int64_t* row_index, const float* max_s,
                              const float* log_sum_s, const float* max_t, const float* log_sum_t,
-                             const float* grad_rows, float inv_temperature, void* out, int64_t out_row_stride,
-                             int num_threads);
+                             const float* grad_rows, const float* teacher_grad_rows, float inv_temperature,
+                             void* out, int64_t out_row_stride, int num_threads);
 
 // ---- CUDA (csrc/kl_div_cuda.cu); every pointer is device memory; `stream` is a cudaStream_t as an integer.
 // Return a cudaError_t as int (0 = cudaSuccess; salt_kl_cuda_error_string() names it); -1 for a bad dtype. ----

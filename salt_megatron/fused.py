@@ -44,7 +44,7 @@ _SOURCES = {
 _INSTALLED = {"cpu": "salt_megatron._kl_cpu", "cuda": "salt_megatron._kl_cuda"}
 _JIT_NAME = {"cpu": "salt_megatron_kl_cpu", "cuda": "salt_megatron_kl_cuda"}
 # The kernel contract's version (csrc/salt_kl.h: SALT_KL_CONTRACT_VERSION); a compiled module of another is stale.
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
 # Compiler flags, the same as setup.py's.  No -march: one binary for every x86-64 CPU (the CPU kernel picks its
 # AVX-512 / AVX2 / SSE2 variant at load time).
 CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"]
@@ -171,6 +171,8 @@ class FusedKernels:
 
     def __init__(self, device_type: str, module):
         self.device_type = device_type
+        # teacher_grad_rows (CE folded into the KD gradient pass) is in the CPU kernel; the CUDA kernel lacks it
+        self.supports_split_grad = device_type == "cpu"
         self.name = f"fused-{device_type}"
         self._module = module
 
@@ -209,24 +211,29 @@ class FusedKernels:
         return self._call(self._module.row_stats, student.device, student, teacher, float(temperature), row_index)
 
     def student_grad(
-        self, student, teacher, max_s, log_sum_s, max_t, log_sum_t, grad_rows, temperature, out, row_index=None
+        self, student, teacher, max_s, log_sum_s, max_t, log_sum_t, grad_rows, temperature, out, row_index=None,
+        teacher_grad_rows=None,
     ):
         self._check_row_index(row_index, student.shape[0])
         row_vectors = (max_s, log_sum_s, max_t, log_sum_t, grad_rows)
-        if not self.handles(student, teacher, out) or out.dtype != student.dtype:
+        # teacher_grad_rows (the teacher term weighted apart, for a fused CE) is in the CPU kernel only
+        split_on_cuda = teacher_grad_rows is not None and self.device_type == "cuda"
+        if split_on_cuda or not self.handles(student, teacher, out) or out.dtype != student.dtype:
             if row_index is None:
-                kd_loss.local_student_grad(student, teacher, *row_vectors, temperature, out)
+                kd_loss.local_student_grad(student, teacher, *row_vectors, temperature, out,
+                                           teacher_grad_rows=teacher_grad_rows)
             else:
                 part = torch.empty(row_index.numel(), out.shape[1], dtype=out.dtype, device=out.device)
                 kd_loss.local_student_grad(
                     student.index_select(0, row_index), teacher.index_select(0, row_index), *row_vectors,
-                    temperature, part,
+                    temperature, part, teacher_grad_rows=teacher_grad_rows,
                 )
                 out.index_copy_(0, row_index, part)
             return
+        extra = () if self.device_type == "cuda" else (teacher_grad_rows,)
         self._call(
             self._module.student_grad, student.device, student, teacher, *row_vectors, float(temperature), out,
-            row_index,
+            row_index, *extra,
         )
 
 

@@ -31,6 +31,10 @@ import torch.nn.functional as F
 _CHUNK_ELEMENTS = 1 << 22
 _CHUNK_ELEMENTS_CUDA = 1 << 25
 
+# salt_loss computes CE and KD in one pass where it can (τ = 1, one unpadded vocabulary shard); tests turn it off
+# to compare with the separate computation.
+_FUSE_CE_WITH_KD = True
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -47,6 +51,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape, got {tuple(student_logits.shape)} and "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    if student_logits.dim() < 1:
+        raise ValueError("student_logits must have at least one dimension (the vocabulary shard)")
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
 
 
 def _check_kd_weight(kd_weight: float) -> None:
@@ -132,10 +149,12 @@ def local_student_grad(
     grad_rows: torch.Tensor,
     temperature: float,
     out: torch.Tensor,
+    teacher_grad_rows: torch.Tensor | None = None,
 ) -> None:
-    """Write ``(q - p)/τ · grad_rows`` into ``out`` (student dtype), chunk by chunk.
+    """Write ``(q·g - p·g_t)/τ`` into ``out`` (student dtype), chunk by chunk; ``g_t`` defaults to ``g``.
 
-    ``q = exp((s - max_s)/τ - log_sum_s)`` = softmax(s/τ) with the global row max and log-sum-exp, same for p.
+    ``q = exp((s - max_s)/τ - log_sum_s)`` = softmax(s/τ) with the global row max and log-sum-exp, same for p;
+    ``g`` = ``grad_rows``, ``g_t`` = ``teacher_grad_rows`` (weighting the terms apart folds a CE gradient in).
     """
     n, w = student.shape
     inv_t = 1.0 / temperature
@@ -143,7 +162,10 @@ def local_student_grad(
     for lo, hi in _row_chunks(n, w, student.device):
         q = torch.sub(student[lo:hi].to(compute), max_s[lo:hi, None]).mul_(inv_t).sub_(log_sum_s[lo:hi, None]).exp_()
         p = torch.sub(teacher[lo:hi].to(compute), max_t[lo:hi, None]).mul_(inv_t).sub_(log_sum_t[lo:hi, None]).exp_()
-        q.sub_(p).mul_((grad_rows[lo:hi] * inv_t)[:, None])
+        if teacher_grad_rows is None:
+            q.sub_(p).mul_((grad_rows[lo:hi] * inv_t)[:, None])
+        else:
+            q.mul_((grad_rows[lo:hi] * inv_t)[:, None]).sub_(p.mul_((teacher_grad_rows[lo:hi] * inv_t)[:, None]))
         out[lo:hi].copy_(q)
 
 
@@ -240,19 +262,53 @@ class _VocabParallelKLDiv(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+class _KLAndCrossEntropy(torch.autograd.Function):
+    """KD and next-token CE of one unsharded, unpadded vocabulary at τ = 1 from the same pass.
+
+    At τ = 1 the student's softmax is the CE's, so the KD row statistics give CE = max_s + log_sum_s - s[label] for
+    free, and one gradient pass writes both terms: ``q·(g_kl + g_ce) - p·g_kl``, then ``-g_ce`` at each label.
+    This saves CE's own softmax passes and the sum of two vocabulary-sized gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, kernels):
+        stats = kernels.row_stats(student, teacher, 1.0)
+        kl, row_stats = _combine_across_shards(stats, 1.0, None)
+        label_logit = student.gather(1, labels[:, None]).squeeze(1).to(kl.dtype)
+        ce = row_stats[0] + row_stats[1] - label_logit
+        ctx.save_for_backward(student, teacher, labels, *row_stats)
+        ctx.kernels = kernels
+        return kl, ce
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_ce):
+        student, teacher, labels, *row_stats = ctx.saved_tensors
+        compute = _compute_dtype(student)
+        g_kl, g_ce = grad_kl.to(compute), grad_ce.to(compute)
+        grad = torch.empty_like(student)
+        if student.shape[0] > 0:
+            ctx.kernels.student_grad(student, teacher, *row_stats, g_kl + g_ce, 1.0, grad, teacher_grad_rows=g_kl)
+            rows = torch.arange(student.shape[0], device=student.device)
+            grad[rows, labels] -= g_ce.to(grad.dtype)
+        return grad, None, None, None
+
+
 @dataclasses.dataclass(frozen=True)
 class _TorchKernels:
     """The PyTorch implementation of the two local kernels."""
 
     name: str = "torch"
+    supports_split_grad: bool = True  # student_grad takes teacher_grad_rows
 
     @staticmethod
     def row_stats(student, teacher, temperature):
         return local_row_stats(student, teacher, temperature)
 
     @staticmethod
-    def student_grad(student, teacher, max_s, log_sum_s, max_t, log_sum_t, grad_rows, temperature, out):
-        local_student_grad(student, teacher, max_s, log_sum_s, max_t, log_sum_t, grad_rows, temperature, out)
+    def student_grad(student, teacher, max_s, log_sum_s, max_t, log_sum_t, grad_rows, temperature, out,
+                     teacher_grad_rows=None):
+        local_student_grad(student, teacher, max_s, log_sum_s, max_t, log_sum_t, grad_rows, temperature, out,
+                           teacher_grad_rows=teacher_grad_rows)
 
 
 TORCH_KERNELS = _TorchKernels()
@@ -303,16 +359,7 @@ def vocab_parallel_kl_div(
         float32 (float64 for fp64 inputs) tensor of shape ``logits.shape[:-1]``, identical on every TP rank.  Gradient flows to the student
         only: ``(softmax(s/τ) - softmax(t/τ)) / τ`` times the upstream gradient.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student_logits and teacher_logits must have the same shape, got {tuple(student_logits.shape)} and "
-            f"{tuple(teacher_logits.shape)}"
-        )
-    if student_logits.dim() < 1:
-        raise ValueError("student_logits must have at least one dimension (the vocabulary shard)")
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if x.dtype not in _DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    _check_logits(student_logits, teacher_logits)
     _check_temperature(temperature)
     lead_shape, width = student_logits.shape[:-1], student_logits.shape[-1]
     tp_rank, tp_size = _tp_rank_and_size(tp_group)
@@ -380,21 +427,35 @@ def salt_loss(
     num_tokens = mask.sum()
     denom = num_tokens.clamp(min=1.0)
 
-    # megatron's vocab-parallel CE (TP > 1) overwrites its input in place: it gets a copy when the KD term needs
-    # the logits too.  Without TP, torch's CE leaves its input alone and no copy is made.
     sharded = tp_group is not None and torch.distributed.get_world_size(group=tp_group) > 1
-    ce_input = student_logits.clone() if sharded and kd_weight > 0 else student_logits
-    ce_tokens = _vocab_parallel_cross_entropy(ce_input, labels, tp_group)
+    width = student_logits.shape[-1]
+    kernels = _select_kernels(impl, student_logits.device) if kd_weight > 0 else None
+    if kd_weight > 0 and _FUSE_CE_WITH_KD and temperature == 1.0 and not sharded and \
+            (vocab_size is None or vocab_size == width) and getattr(kernels, "supports_split_grad", False):
+        # one vocabulary, no padding, τ = 1: KD and CE from the same pass (see _KLAndCrossEntropy)
+        _check_logits(student_logits, teacher_logits)
+        kd_tokens, ce_tokens = _KLAndCrossEntropy.apply(
+            student_logits.reshape(-1, width), teacher_logits.detach().reshape(-1, width), labels.reshape(-1),
+            kernels,
+        )
+        kd_tokens, ce_tokens = kd_tokens.view(labels.shape), ce_tokens.view(labels.shape)
+    else:
+        # megatron's vocab-parallel CE (TP > 1) overwrites its input in place: it gets a copy when the KD term
+        # needs the logits too.  Without TP, torch's CE leaves its input alone and no copy is made.
+        ce_input = student_logits.clone() if sharded and kd_weight > 0 else student_logits
+        ce_tokens = _vocab_parallel_cross_entropy(ce_input, labels, tp_group)
+        kd_tokens = None
+        if kd_weight > 0:
+            kd_tokens = vocab_parallel_kl_div(
+                student_logits, teacher_logits, temperature=temperature, vocab_size=vocab_size,
+                tp_group=tp_group, loss_mask=None if loss_mask is None else loss_mask != 0, impl=impl,
+            )
     ce = (ce_tokens.float() * mask).sum() / denom
     loss = (1.0 - kd_weight) * ce if kd_weight < 1 else ce.detach() * 0.0
 
     kd = None
     if kd_weight > 0:
-        kd_tokens = vocab_parallel_kl_div(
-            student_logits, teacher_logits, temperature=temperature, vocab_size=vocab_size, tp_group=tp_group,
-            loss_mask=None if loss_mask is None else loss_mask != 0, impl=impl,
-        )
-        kd = (kd_tokens * mask).sum() / denom
+        kd = (kd_tokens.float() * mask).sum() / denom
         factor = temperature**2 if scale_kd_by_temperature_squared else 1.0
         loss = loss + kd_weight * factor * kd
         kd = kd.detach()
