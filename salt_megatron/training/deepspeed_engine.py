@@ -98,9 +98,9 @@ def reconcile_config(args, world_size: int) -> list[str]:
 
 
 def build_engine(model, args):
-    """``deepspeed.initialize`` around the student; returns (engine, optimizer, LR scheduler)."""
+    """``deepspeed.initialize`` around the student; returns (engine, its optimizer).  The LR schedule is the same
+    megatron-core ``OptimizerParamScheduler`` as the plain path's, driving this optimizer."""
     import deepspeed
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     cfg = args.deepspeed_config_dict
     optimizer = None
@@ -116,14 +116,7 @@ def build_engine(model, args):
         model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(),
         config=cfg, mpu=MegatronMPU(),
     )
-    scheduler = OptimizerParamScheduler(
-        ds_optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * args.global_batch_size,
-        lr_decay_steps=args.lr_decay_iters * args.global_batch_size, lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * args.global_batch_size,
-        wd_incr_style="constant",
-    )
-    return engine, ds_optimizer, scheduler
+    return engine, ds_optimizer
 
 
 def save_engine_state(engine, checkpoint_tmp_dir: str) -> None:

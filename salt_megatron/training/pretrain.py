@@ -318,22 +318,26 @@ def save(run: Run) -> str:
 
 def _build_optimizer(args, model):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = OptimizerConfig(
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         bf16=args.bf16, fp16=args.fp16, params_dtype=_params_dtype(args), use_distributed_optimizer=False,
     )
-    optimizer = get_megatron_optimizer(config, [model])
-    scheduler = OptimizerParamScheduler(
+    return get_megatron_optimizer(config, [model])
+
+
+def build_lr_scheduler(optimizer, args):
+    """megatron-core's warmup + decay schedule (steps counted in samples, as Megatron does), for either optimizer."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters * args.global_batch_size,
         lr_decay_steps=args.lr_decay_iters * args.global_batch_size, lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * args.global_batch_size,
         wd_incr_style="constant",
     )
-    return optimizer, scheduler
 
 
 def _wrap_ddp(model, args):
@@ -447,12 +451,13 @@ def setup(args) -> Run:
 
         # fp32 weights: DeepSpeed casts the module to the JSON's precision itself
         model = build_gpt_model(arch, params_dtype=torch.float32)
-        engine, optimizer, scheduler = build_engine(model, args)
+        engine, optimizer = build_engine(model, args)
         ddp = engine.module
     else:
         model = build_gpt_model(arch, params_dtype=_params_dtype(args))
         ddp = _wrap_ddp(model, args)
-        optimizer, scheduler = _build_optimizer(args, ddp)
+        optimizer = _build_optimizer(args, ddp)
+    scheduler = build_lr_scheduler(optimizer, args)
 
     teacher = None
     if teacher_meta is not None and schedule.teacher_needed(start_step):
