@@ -330,13 +330,9 @@ void run_rows(RangeFn fn, const Args& a, int64_t rows, int num_threads) {
   fn(a, 0, rows);
 }
 
-}  // namespace
-
-extern "C" int salt_kl_row_stats_cpu(const void* student, int64_t student_row_stride, int student_dtype,
-                                     const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
-                                     int64_t rows, int64_t width, const int64_t* row_index, float inv_temperature,
-                                     float* stats, int num_threads) {
-  if (!valid_dtype(student_dtype) || !valid_dtype(teacher_dtype) || rows < 0 || width < 0) return 1;
+// The fields both entry points fill: the logits, their layout, the rows and 1/τ.
+Args input_args(const void* student, int64_t student_row_stride, const void* teacher, int64_t teacher_row_stride,
+                int64_t width, const int64_t* row_index, float inv_temperature) {
   Args a{};
   a.s = student;
   a.s_stride = student_row_stride;
@@ -345,6 +341,17 @@ extern "C" int salt_kl_row_stats_cpu(const void* student, int64_t student_row_st
   a.width = width;
   a.row_index = row_index;
   a.inv_t = inv_temperature;
+  return a;
+}
+
+}  // namespace
+
+extern "C" int salt_kl_row_stats_cpu(const void* student, int64_t student_row_stride, int student_dtype,
+                                     const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
+                                     int64_t rows, int64_t width, const int64_t* row_index, float inv_temperature,
+                                     float* stats, int num_threads) {
+  if (!valid_dtype(student_dtype) || !valid_dtype(teacher_dtype) || rows < 0 || width < 0) return 1;
+  Args a = input_args(student, student_row_stride, teacher, teacher_row_stride, width, row_index, inv_temperature);
   a.stats = stats;
   run_rows(kStats[student_dtype][teacher_dtype], a, rows, num_threads);
   return 0;
@@ -359,14 +366,7 @@ extern "C" int salt_kl_student_grad_cpu(const void* student, int64_t student_row
                                         int num_threads) {
   if (!valid_dtype(student_dtype) || !valid_dtype(teacher_dtype) || rows < 0 || width < 0) return 1;
   if (width == 0) return 0;
-  Args a{};
-  a.s = student;
-  a.s_stride = student_row_stride;
-  a.t = teacher;
-  a.t_stride = teacher_row_stride;
-  a.width = width;
-  a.row_index = row_index;
-  a.inv_t = inv_temperature;
+  Args a = input_args(student, student_row_stride, teacher, teacher_row_stride, width, row_index, inv_temperature);
   a.max_s = max_s;
   a.log_sum_s = log_sum_s;
   a.max_t = max_t;

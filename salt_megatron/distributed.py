@@ -88,16 +88,6 @@ def to_device(batch: dict) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def destroy_distributed() -> None:
-    """Tear down model-parallel groups and the default process group (tests and clean exits)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def _free_port() -> int:
     import socket
 

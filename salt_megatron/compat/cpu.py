@@ -296,10 +296,6 @@ def _stand_in_for_triton_kernels():
     sys.modules[name] = stand_in
 
 
-def cpu_patches_applied() -> bool:
-    return _APPLIED
-
-
 def ensure_megatron_runs_here() -> bool:
     """Apply the CPU patches if (and only if) CUDA is absent.  Idempotent.  Returns True when patches are active."""
     global _APPLIED, _TORCH_VIEW
