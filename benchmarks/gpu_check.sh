@@ -4,9 +4,11 @@
 #   2. build: `python setup.py build_ext --inplace` (CPU + CUDA extensions; salt_megatron.fused falls back to a
 #      JIT build of csrc/ if this fails),
 #   3. tests/test_fused_kernel.py (CUDA tests run here; CPU and TP tests too; nvcc -c for sm_80/sm_90),
-#   4. benchmarks/gpu_kd_loss.py (correctness check + N=8k, V=32k/128k bf16 timings vs naive and the HBM bound).
+#   4. benchmarks/gpu_kd_loss.py (correctness check + N=8k, V=32k/128k bf16 timings vs naive and the HBM bound),
+#   5. benchmarks/gpu_profile.py (where the API call's time goes beyond the two kernels: torch.profiler, CPU vs GPU
+#      bound, loss_mask and salt_loss paths).
 # Usage, from anywhere:  bash benchmarks/gpu_check.sh        (PYTHON=... to pick the interpreter)
-# Finishes in about 2-3 minutes on an H100/H200; every step prints its own output and the summary comes last.
+# Finishes in about 3-4 minutes on an H100/H200; every step prints its own output and the summary comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -64,6 +66,14 @@ if timeout 150 "$PY" benchmarks/gpu_kd_loss.py; then
   status+=("benchmark + correctness check: ok")
 else
   status+=("benchmark + correctness check: FAILED")
+fi
+
+echo; echo "== 5. benchmarks/gpu_profile.py"
+t0=$(date +%s)
+if timeout 120 "$PY" benchmarks/gpu_profile.py; then
+  status+=("profile: ok ($(( $(date +%s) - t0 )) s)")
+else
+  status+=("profile: FAILED or a section failed (exit $?), see its output")
 fi
 
 echo; echo "== summary ($(( $(date +%s) - start )) s)"

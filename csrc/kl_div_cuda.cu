@@ -7,8 +7,9 @@
 // columns (16-byte loads when the row is 16-byte aligned), keeping an online maximum of s and t, the sums
 // Σ exp((x - max)/τ) and the partial Σ p̃·((t - max_t) - (s - max_s))/τ, rescaled when a maximum grows.  The
 // block then merges the threads' statistics (warp shuffles, then shared memory).  Reads each logit once; writes
-// 5 floats per row.  Backward: one block per row, reads s and t once, writes the gradient once (fp32 math, cast
-// to the student's dtype).  Sized for rows of up to a few hundred thousand columns (V = 256k: 1k per thread).
+// 5 floats per row.  Backward: one block per row, reads s and t once, writes the gradient (q·g - p·g_t)/τ once
+// (fp32 math, cast to the student's dtype; g = grad_rows[i], g_t = teacher_grad_rows[i], or g when that is NULL).
+// Sized for rows of up to a few hundred thousand columns (V = 256k: 1k per thread).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -243,14 +244,17 @@ __global__ void __launch_bounds__(kThreads) student_grad_kernel(
     const TS* __restrict__ student, int64_t s_stride, const TT* __restrict__ teacher, int64_t t_stride,
     int64_t width, const int64_t* __restrict__ row_index, const float* __restrict__ max_s,
     const float* __restrict__ log_sum_s, const float* __restrict__ max_t, const float* __restrict__ log_sum_t,
-    const float* __restrict__ grad_rows, float inv_t, TS* __restrict__ out, int64_t out_stride) {
+    const float* __restrict__ grad_rows, const float* __restrict__ teacher_grad_rows, float inv_t,
+    TS* __restrict__ out, int64_t out_stride) {
   const int64_t i = blockIdx.x;
   const int64_t row = row_index ? row_index[i] : i;
   const TS* s = student + row * s_stride;
   const TT* t = teacher + row * t_stride;
   TS* o = out + row * out_stride;
   const float m_s = max_s[i], l_s = log_sum_s[i], m_t = max_t[i], l_t = log_sum_t[i];
-  const float gs = grad_rows[i] * inv_t;
+  const float gs = grad_rows[i] * inv_t;  // weight of the student's term
+  // minus the teacher's: q·g_s - p·g_t is then one multiply and one fma per element, as (q - p)·g was
+  const float neg_gt = -(teacher_grad_rows ? teacher_grad_rows[i] : grad_rows[i]) * inv_t;
   int64_t done = 0;
   if (aligned16(s) && aligned16(t) && aligned16(o)) {
     const int64_t groups = width / kGroup;
@@ -262,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) student_grad_kernel(
       for (int k = 0; k < kGroup; ++k) {
         const float q = fast_exp(fmaf(xs[k] - m_s, inv_t, -l_s));
         const float p = fast_exp(fmaf(xt[k] - m_t, inv_t, -l_t));
-        y[k] = (q - p) * gs;
+        y[k] = fmaf(q, gs, p * neg_gt);
       }
       store_group(o + g * kGroup, y);
     }
@@ -271,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) student_grad_kernel(
   for (int64_t j = done + threadIdx.x; j < width; j += kThreads) {
     const float q = fast_exp(fmaf(to_float(s[j]) - m_s, inv_t, -l_s));
     const float p = fast_exp(fmaf(to_float(t[j]) - m_t, inv_t, -l_t));
-    o[j] = from_float<TS>((q - p) * gs);
+    o[j] = from_float<TS>(fmaf(q, gs, p * neg_gt));
   }
 }
 
@@ -321,11 +325,11 @@ template <typename TS, typename TT>
 struct LaunchGrad {
   static int run(const void* s, int64_t s_stride, const void* t, int64_t t_stride, int64_t rows, int64_t width,
                  const int64_t* row_index, const float* max_s, const float* log_sum_s, const float* max_t,
-                 const float* log_sum_t, const float* grad_rows, float inv_t, void* out, int64_t out_stride,
-                 cudaStream_t stream) {
+                 const float* log_sum_t, const float* grad_rows, const float* teacher_grad_rows, float inv_t,
+                 void* out, int64_t out_stride, cudaStream_t stream) {
     student_grad_kernel<TS, TT><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
         static_cast<const TS*>(s), s_stride, static_cast<const TT*>(t), t_stride, width, row_index, max_s,
-        log_sum_s, max_t, log_sum_t, grad_rows, inv_t, static_cast<TS*>(out), out_stride);
+        log_sum_s, max_t, log_sum_t, grad_rows, teacher_grad_rows, inv_t, static_cast<TS*>(out), out_stride);
     return static_cast<int>(cudaGetLastError());
   }
 };
@@ -349,13 +353,15 @@ extern "C" int salt_kl_student_grad_cuda(const void* student, int64_t student_ro
                                          const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
                                          int64_t rows, int64_t width, const int64_t* row_index, const float* max_s,
                                          const float* log_sum_s, const float* max_t, const float* log_sum_t,
-                                         const float* grad_rows, float inv_temperature, void* out,
-                                         int64_t out_row_stride, int64_t stream) {
+                                         const float* grad_rows, const float* teacher_grad_rows,
+                                         float inv_temperature, void* out, int64_t out_row_stride,
+                                         int64_t stream) {
   if (rows < 0 || width < 0 || rows > kMaxRows) return static_cast<int>(cudaErrorInvalidValue);
   if (rows == 0 || width == 0) return 0;
   return dispatch<LaunchGrad>(student_dtype, teacher_dtype, student, student_row_stride, teacher,
                               teacher_row_stride, rows, width, row_index, max_s, log_sum_s, max_t, log_sum_t,
-                              grad_rows, inv_temperature, out, out_row_stride, reinterpret_cast<cudaStream_t>(stream));
+                              grad_rows, teacher_grad_rows, inv_temperature, out, out_row_stride,
+                              reinterpret_cast<cudaStream_t>(stream));
 }
 
 extern "C" const char* salt_kl_cuda_error_string(int code) {

@@ -51,7 +51,8 @@ at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, doubl
 void student_grad(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& max_s,
                   const at::Tensor& log_sum_s, const at::Tensor& max_t, const at::Tensor& log_sum_t,
                   const at::Tensor& grad_rows, double temperature, at::Tensor& out,
-                  const c10::optional<at::Tensor>& row_index, int64_t stream) {
+                  const c10::optional<at::Tensor>& row_index, const c10::optional<at::Tensor>& teacher_grad_rows,
+                  int64_t stream) {
   check_logits(student, student, "student");
   check_logits(teacher, student, "teacher");
   check_logits(out, student, "out");
@@ -63,17 +64,21 @@ void student_grad(const at::Tensor& student, const at::Tensor& teacher, const at
   const int64_t* index = row_index_ptr(row_index, index_holder, student);
   const int64_t rows = index ? index_holder.numel() : student.size(0);
   // O(rows) vectors: fp32 and contiguous (the upstream gradient is often an expanded scalar)
-  at::Tensor vec[5] = {max_s, log_sum_s, max_t, log_sum_t, grad_rows};
-  for (auto& v : vec) {
+  // (teacher_grad_rows absent: grad_rows weights both terms, and the kernel gets NULL for it)
+  const bool split = teacher_grad_rows.has_value();
+  at::Tensor vec[6] = {max_s, log_sum_s, max_t, log_sum_t, grad_rows, split ? *teacher_grad_rows : at::Tensor()};
+  for (int k = 0; k < (split ? 6 : 5); ++k) {
+    at::Tensor& v = vec[k];
     TORCH_CHECK(v.device() == student.device() && v.numel() == rows,
-                "max_s, log_sum_s, max_t, log_sum_t and grad_rows must be vectors on ", student.device(),
-                " with one entry per processed row (", rows, ")");
+                "max_s, log_sum_s, max_t, log_sum_t and grad_rows (and teacher_grad_rows) must be vectors on ",
+                student.device(), " with one entry per processed row (", rows, ")");
     v = v.to(at::kFloat).contiguous();
   }
   check_rc(salt_kl_student_grad_cuda(student.data_ptr(), student.stride(0), dtype_code(student, "student"),
                                      teacher.data_ptr(), teacher.stride(0), dtype_code(teacher, "teacher"), rows,
                                      student.size(1), index, vec[0].data_ptr<float>(), vec[1].data_ptr<float>(),
                                      vec[2].data_ptr<float>(), vec[3].data_ptr<float>(), vec[4].data_ptr<float>(),
+                                     split ? vec[5].data_ptr<float>() : nullptr,
                                      static_cast<float>(1.0 / temperature), out.data_ptr(), out.stride(0), stream),
            "salt_kl_student_grad_cuda");
 }
@@ -86,8 +91,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_stats", &row_stats,
         "per-row [max_s, sum_s, max_t, sum_t, partial KL] of one vocabulary shard (fp32 [rows, 5]), on `stream`",
         py::arg("student"), py::arg("teacher"), py::arg("temperature"), py::arg("row_index"), py::arg("stream"));
-  m.def("student_grad", &student_grad, "write (softmax(s/τ) - softmax(t/τ))/τ · grad_rows into out, on `stream`",
+  m.def("student_grad", &student_grad,
+        "write (softmax(s/τ)·grad_rows - softmax(t/τ)·teacher_grad_rows)/τ into out (teacher_grad_rows None: "
+        "= grad_rows), on `stream`",
         py::arg("student"), py::arg("teacher"), py::arg("max_s"), py::arg("log_sum_s"), py::arg("max_t"),
         py::arg("log_sum_t"), py::arg("grad_rows"), py::arg("temperature"), py::arg("out"), py::arg("row_index"),
-        py::arg("stream"));
+        py::arg("teacher_grad_rows"), py::arg("stream"));
 }

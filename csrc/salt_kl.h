@@ -10,13 +10,12 @@
 //                   max_s, Σ exp((s - max_s)/τ), max_t, Σ exp((t - max_t)/τ),
 //                   Σ exp((t - max_t)/τ)·((t - max_t) - (s - max_s))/τ        (a 0·inf term counts as 0)
 //                 width == 0 gives -inf, 0, -inf, 0, 0.
-//   student_grad: out[r, j] = (exp((s - max_s[i])/τ - log_sum_s[i]) - exp((t - max_t[i])/τ - log_sum_t[i]))
-//                             / τ · grad_rows[i]
-//                 The CPU kernel also takes teacher_grad_rows (NULL: = grad_rows) to weight the two terms apart,
-//                   out[r, j] = (q · grad_rows[i] - p · teacher_grad_rows[i]) / τ,
-//                 which lets a next-token CE gradient (q - onehot at τ = 1) be written in the same pass.
+//   student_grad: out[r, j] = (q · grad_rows[i] - p · teacher_grad_rows[i]) / τ,
+//                   q = exp((s - max_s[i])/τ - log_sum_s[i]),  p = exp((t - max_t[i])/τ - log_sum_t[i]),
 //                 with the global (all-shard) row maxima and log-sums; fp32 math, cast to the student's dtype;
-//                 rows not listed in row_index are not touched.
+//                 rows not listed in row_index are not touched.  Both kernels take teacher_grad_rows; NULL means
+//                 teacher_grad_rows = grad_rows, i.e. (q - p)/τ · grad_rows[i], the KL gradient.  Weighting the two
+//                 terms apart lets a next-token CE gradient (q - onehot at τ = 1) be written in the same pass.
 // Strides are in elements; the last dimension is contiguous.  `inv_temperature` = 1/τ.
 #pragma once
 
@@ -28,7 +27,7 @@ extern "C" {
 
 // Bumped whenever the contract or the bindings' signatures change; salt_megatron/fused.py refuses a compiled
 // extension of another version (a stale in-place build) and compiles the sources instead.
-#define SALT_KL_CONTRACT_VERSION 2
+#define SALT_KL_CONTRACT_VERSION 3
 
 // dtype codes (the same numbers on the Python side, salt_megatron/fused.py)
 enum salt_kl_dtype { SALT_KL_FLOAT32 = 0, SALT_KL_BFLOAT16 = 1, SALT_KL_FLOAT16 = 2 };
@@ -57,8 +56,8 @@ int salt_kl_student_grad_cuda(const void* student, int64_t student_row_stride, i
                               const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
                               int64_t rows, int64_t width, const int64_t* row_index, const float* max_s,
                               const float* log_sum_s, const float* max_t, const float* log_sum_t,
-                              const float* grad_rows, float inv_temperature, void* out, int64_t out_row_stride,
-                              int64_t stream);
+                              const float* grad_rows, const float* teacher_grad_rows, float inv_temperature,
+                              void* out, int64_t out_row_stride, int64_t stream);
 
 const char* salt_kl_cuda_error_string(int code);
 

@@ -5,6 +5,7 @@
     salt-megatron score     the SLM scores every training window (SALT_DS data selection)
     salt-megatron evaluate  validation loss / perplexity of a checkpoint on any indexed dataset
     salt-megatron demo      the end-to-end CPU demo behind `make demo`
+    salt-megatron experiment  the reproduction report: baselines, ablations and paired seeds (`make experiment`)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ COMMANDS = {
     "score": ("salt_megatron.scoring", "main"),
     "evaluate": ("salt_megatron.training.evaluate", "main"),
     "demo": ("salt_megatron.demo", "main"),
+    "experiment": ("salt_megatron.experiment.run", "main"),
 }
 
 

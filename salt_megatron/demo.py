@@ -40,7 +40,8 @@ PRESETS = {
 }
 
 
-def _run(cmd: list[str], log: str) -> None:
+def run_stage(cmd: list[str], log: str) -> float:
+    """Run one CLI stage, its output to ``log`` (progress lines echoed); returns its wall-clock seconds."""
     print("$ " + " ".join(cmd), flush=True)
     start = time.time()
     with open(log, "w") as f:
@@ -52,15 +53,17 @@ def _run(cmd: list[str], log: str) -> None:
                     or "Error" in line:
                 print("  " + line.rstrip(), flush=True)
         if proc.wait() != 0:
-            raise SystemExit(f"demo: command failed (exit {proc.returncode}); see {log}")
-    print(f"  ({time.time() - start:.0f} s)", flush=True)
+            raise SystemExit(f"salt-megatron: command failed (exit {proc.returncode}); see {log}")
+    elapsed = time.time() - start
+    print(f"  ({elapsed:.0f} s)", flush=True)
+    return elapsed
 
 
-def _cli() -> list[str]:
+def cli_command() -> list[str]:
     return [sys.executable, "-m", "salt_megatron.cli"]
 
 
-def _model_flags(p: dict, who: str) -> list[str]:
+def model_flags(p: dict, who: str) -> list[str]:
     return ["--num-layers", str(p[f"{who}_layers"]), "--hidden-size", str(p[f"{who}_hidden"]),
             "--num-attention-heads", str(p[f"{who}_heads"]), "--seq-length", str(p["seq"]),
             "--micro-batch-size", str(p["micro_batch"]), "--train-iters", str(p[f"{who}_iters"]),
@@ -68,7 +71,7 @@ def _model_flags(p: dict, who: str) -> list[str]:
             "--lr-warmup-iters", str(max(1, p[f"{who}_iters"] // 20)), "--log-interval", "10"]
 
 
-def _read_metrics(path: str) -> dict:
+def read_metrics(path: str) -> dict:
     rows = [json.loads(line) for line in open(path)]
     return {"train": [r for r in rows if r["kind"] == "train"], "eval": [r for r in rows if r["kind"] == "eval"]}
 
@@ -143,18 +146,18 @@ def main(argv=None) -> None:
     prefix = os.path.join(out, "sotu")
     if not os.path.exists(prefix + "_valid.idx"):
         train_jsonl, valid_jsonl = export_sotu(os.path.join(out, "text"))
-        _run([*_cli(), "prepare", "--input", train_jsonl, "--valid-input", valid_jsonl, "--output-prefix", prefix,
+        run_stage([*cli_command(), "prepare", "--input", train_jsonl, "--valid-input", valid_jsonl, "--output-prefix", prefix,
               "--vocab-size", str(p["vocab"]), "--workers", "2"], os.path.join(out, "prepare.log"))
 
     teacher = os.path.join(out, "teacher")
     if not os.path.exists(os.path.join(teacher, "latest_checkpointed_iteration.txt")):
-        _run([*_cli(), "pretrain", "--data-path", prefix, *_model_flags(p, "teacher"), "--save", teacher,
+        run_stage([*cli_command(), "pretrain", "--data-path", prefix, *model_flags(p, "teacher"), "--save", teacher,
               "--eval-iters", str(p["eval_iters"])], os.path.join(out, "teacher.log"))
 
     from salt_megatron.data.scores import sidecar_paths
 
     if not os.path.exists(sidecar_paths(prefix + "_train")["header"]):
-        _run([*_cli(), "score", "--load", teacher, "--data-path", prefix, "--seq-length", str(p["seq"]),
+        run_stage([*cli_command(), "score", "--load", teacher, "--data-path", prefix, "--seq-length", str(p["seq"]),
               "--micro-batch-size", "32"], os.path.join(out, "score.log"))
 
     salt = ["--teacher-load", teacher, "--kd-steps", str(kd_steps), "--kd-weight", str(p["kd_weight"]),
@@ -171,12 +174,12 @@ def main(argv=None) -> None:
         if not os.path.exists(done):
             if os.path.exists(metrics):
                 os.remove(metrics)
-            _run([*_cli(), "pretrain", "--data-path", prefix, *_model_flags(p, "student"), *extra,
+            run_stage([*cli_command(), "pretrain", "--data-path", prefix, *model_flags(p, "student"), *extra,
                   "--eval-interval", str(p["eval_interval"]), "--eval-iters", str(p["eval_iters"]),
                   "--metrics-file", metrics, "--tensorboard-dir", os.path.join(out, "tensorboard", name)],
                  os.path.join(out, f"{name}.log"))
             open(done, "w").close()
-        results[name] = _read_metrics(metrics)
+        results[name] = read_metrics(metrics)
 
     table = _summarise(results, p["student_iters"], kd_steps)
     print(table)

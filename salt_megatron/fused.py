@@ -44,7 +44,7 @@ _SOURCES = {
 _INSTALLED = {"cpu": "salt_megatron._kl_cpu", "cuda": "salt_megatron._kl_cuda"}
 _JIT_NAME = {"cpu": "salt_megatron_kl_cpu", "cuda": "salt_megatron_kl_cuda"}
 # The kernel contract's version (csrc/salt_kl.h: SALT_KL_CONTRACT_VERSION); a compiled module of another is stale.
-CONTRACT_VERSION = 2
+CONTRACT_VERSION = 3
 # Compiler flags, the same as setup.py's.  No -march: one binary for every x86-64 CPU (the CPU kernel picks its
 # AVX-512 / AVX2 / SSE2 variant at load time).
 CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"]
@@ -164,15 +164,16 @@ class FusedKernels:
     Compared with the PyTorch kernels, both methods also take ``row_index`` (int64 ``[M]``, on the logits'
     device): only those rows are read (stats row i belongs to logits row ``row_index[i]``; the row vectors
     ``max_s``, ``log_sum_s``, ``max_t``, ``log_sum_t``, ``grad_rows`` have M entries) and only those rows of
-    ``out`` are written.
+    ``out`` are written.  Out-of-range rows are refused before any kernel runs, unless ``trusted_rows=True``
+    (the caller made ``row_index`` itself, e.g. from a mask: the check would synchronise a GPU).
     """
 
     supports_row_index = True
 
     def __init__(self, device_type: str, module):
         self.device_type = device_type
-        # teacher_grad_rows (CE folded into the KD gradient pass) is in the CPU kernel; the CUDA kernel lacks it
-        self.supports_split_grad = device_type == "cpu"
+        # student_grad takes teacher_grad_rows (CE folded into the KD gradient pass): both kernels do
+        self.supports_split_grad = True
         self.name = f"fused-{device_type}"
         self._module = module
 
@@ -202,8 +203,9 @@ class FusedKernels:
         ):
             raise RuntimeError(f"row_index holds a row out of range [0, {num_rows})")
 
-    def row_stats(self, student, teacher, temperature, row_index=None):
-        self._check_row_index(row_index, student.shape[0])
+    def row_stats(self, student, teacher, temperature, row_index=None, trusted_rows=False):
+        if not trusted_rows:  # the check reads row_index's min/max: on a GPU that synchronises
+            self._check_row_index(row_index, student.shape[0])
         if not self.handles(student, teacher):
             if row_index is not None:
                 student, teacher = student.index_select(0, row_index), teacher.index_select(0, row_index)
@@ -212,13 +214,12 @@ class FusedKernels:
 
     def student_grad(
         self, student, teacher, max_s, log_sum_s, max_t, log_sum_t, grad_rows, temperature, out, row_index=None,
-        teacher_grad_rows=None,
+        teacher_grad_rows=None, trusted_rows=False,
     ):
-        self._check_row_index(row_index, student.shape[0])
+        if not trusted_rows:
+            self._check_row_index(row_index, student.shape[0])
         row_vectors = (max_s, log_sum_s, max_t, log_sum_t, grad_rows)
-        # teacher_grad_rows (the teacher term weighted apart, for a fused CE) is in the CPU kernel only
-        split_on_cuda = teacher_grad_rows is not None and self.device_type == "cuda"
-        if split_on_cuda or not self.handles(student, teacher, out) or out.dtype != student.dtype:
+        if not self.handles(student, teacher, out) or out.dtype != student.dtype:
             if row_index is None:
                 kd_loss.local_student_grad(student, teacher, *row_vectors, temperature, out,
                                            teacher_grad_rows=teacher_grad_rows)
@@ -230,10 +231,10 @@ class FusedKernels:
                 )
                 out.index_copy_(0, row_index, part)
             return
-        extra = () if self.device_type == "cuda" else (teacher_grad_rows,)
+        # both modules: (..., out, row_index, teacher_grad_rows); _call appends the stream for CUDA
         self._call(
             self._module.student_grad, student.device, student, teacher, *row_vectors, float(temperature), out,
-            row_index, *extra,
+            row_index, teacher_grad_rows,
         )
 
 

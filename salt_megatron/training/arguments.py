@@ -49,6 +49,9 @@ def add_data_args(p: argparse.ArgumentParser, *, required: bool = False) -> None
                    help="prefix of the indexed dataset: PREFIX_train/PREFIX_valid from `prepare`, or one .bin/.idx")
     g.add_argument("--train-data-path", default=None)
     g.add_argument("--valid-data-path", default=None)
+    g.add_argument("--extra-valid-data-path", nargs="+", default=[], metavar="NAME=PREFIX",
+                   help="more held-out sets (indexed datasets, same tokenizer) evaluated at every evaluation; "
+                        "logged as val_loss_NAME")
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model; default: DATA_PATH.model")
     g.add_argument("--data-cache-path", default=None, help="where GPTDataset caches its index files")
 
@@ -158,6 +161,33 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def parse_extra_valid(specs) -> dict[str, str]:
+    """``["NAME=PREFIX", ...]`` → ``{NAME: PREFIX}`` (ValueError on a malformed or repeated name)."""
+    out = {}
+    for spec in specs or []:
+        name, sep, prefix = spec.partition("=")
+        if not sep or not name or not prefix or not name.replace("_", "").isalnum():
+            raise ValueError(f"--extra-valid-data-path wants NAME=PREFIX with NAME letters/digits/_, got {spec!r}")
+        if name in out:
+            raise ValueError(f"--extra-valid-data-path names {name!r} twice")
+        out[name] = prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
+    return out
+
+
+def _check_extra_valid(args) -> list[str]:
+    if not getattr(args, "extra_valid_data_path", None):
+        args.extra_valid = {}
+        return []
+    try:
+        args.extra_valid = parse_extra_valid(args.extra_valid_data_path)
+    except ValueError as e:
+        args.extra_valid = {}
+        return [str(e)]
+    missing = [f"{name}: {prefix}.bin/.idx" for name, prefix in args.extra_valid.items()
+               if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"))]
+    return [f"--extra-valid-data-path: no indexed dataset for {', '.join(missing)}"] if missing else []
+
+
 def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Fill derived defaults and refuse contradictions with one clear message, before anything is built."""
     errors = []
@@ -186,6 +216,7 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
                       "on a CPU train in fp32")
     if args.train_iters < 1:
         errors.append("--train-iters must be >= 1")
+    errors += _check_extra_valid(args)
     if args.num_layers % args.pipeline_model_parallel_size:
         errors.append(f"--num-layers ({args.num_layers}) must be divisible by --pipeline-model-parallel-size")
     if args.num_attention_heads % args.tensor_model_parallel_size:

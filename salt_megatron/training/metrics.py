@@ -46,8 +46,9 @@ class MetricsWriter:
     def eval(self, step: int, m: dict) -> None:
         if not self.enabled:
             return
-        print(f"step {step:>6} | validation loss {m['val_loss']:.4f} | ppl {m['val_ppl']:.2f}", file=self.stream,
-              flush=True)
+        extra = "".join(f" | {k[len('val_loss_'):]} {v:.4f}" for k, v in m.items() if k.startswith("val_loss_"))
+        print(f"step {step:>6} | validation loss {m['val_loss']:.4f} | ppl {m['val_ppl']:.2f}{extra}",
+              file=self.stream, flush=True)
         self._record("eval", step, m)
 
     def message(self, text: str) -> None:

@@ -12,6 +12,7 @@ SALT loss → backward (megatron-core's pipeline schedule) → optimizer step �
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -57,6 +58,7 @@ class Run:
     forward_backward: object
     init_fingerprint: list | None = None
     engine: object | None = None  # the DeepSpeed engine (--deepspeed)
+    extra_valid: dict = dataclasses.field(default_factory=dict)  # --extra-valid-data-path: {name: dataset}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,6 +415,13 @@ def setup(args) -> Run:
         if sidecar[0].get("tokenizer_hash") != tokenizer.hash:
             raise SystemExit("salt-megatron: refusing to start: the score sidecar was made with another tokenizer")
 
+    extra_valid_prefixes = getattr(args, "extra_valid", {})
+    for name, prefix in extra_valid_prefixes.items():
+        other = _prepared_tokenizer_hash(prefix)
+        if other is not None and other != tokenizer.hash:
+            raise SystemExit(f"salt-megatron: refusing to start: extra validation set {name} ({prefix}) was "
+                             f"tokenized with another tokenizer")
+
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                            backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes)
     last_rank = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
@@ -426,6 +435,13 @@ def setup(args) -> Run:
         train_samples=args.train_iters * args.global_batch_size,
         valid_samples=max(args.eval_iters, 1) * args.global_batch_size, cache_dir=args.data_cache_path,
     )
+
+    extra_valid = {
+        name: build_gpt_datasets(prefix, None, tokenizer, seq_length=args.seq_length, seed=args.seed,
+                                 train_samples=max(args.eval_iters, 1) * args.global_batch_size, valid_samples=None,
+                                 cache_dir=args.data_cache_path)[0]
+        for name, prefix in extra_valid_prefixes.items()
+    }
 
     kd_ds = None
     if sidecar is not None:
@@ -474,7 +490,7 @@ def setup(args) -> Run:
     run = Run(args=args, arch=arch, model=ddp, optimizer=optimizer, scheduler=scheduler, schedule=schedule,
               teacher=teacher, train_ds=train_ds, valid_ds=valid_ds, kd_ds=None, tokenizer=tokenizer,
               state=TrainState(),
-              writer=writer, forward_backward=forward_backward, engine=engine)
+              writer=writer, forward_backward=forward_backward, engine=engine, extra_valid=extra_valid)
     run.kd_ds = kd_ds
     if resume_meta is not None:
         checkpointing.load_checkpoint(resume_meta["path"], ddp, None if engine is not None else optimizer)
@@ -494,6 +510,15 @@ def setup(args) -> Run:
                    f"PP={args.pipeline_model_parallel_size} DP={args.data_parallel_size}; vocab {arch.vocab_size} "
                    f"(padded {padded})")
     return run
+
+
+def _prepared_tokenizer_hash(prefix: str) -> str | None:
+    """The tokenizer hash ``prepare`` recorded for a dataset prefix (``P_train``/``P_valid`` → ``P.json``), if any."""
+    for candidate in (prefix + ".json", prefix.rsplit("_", 1)[0] + ".json"):
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                return json.load(f).get("tokenizer_hash")
+    return None
 
 
 def _default_tokenizer(args, train_prefix: str) -> str:
@@ -516,6 +541,10 @@ def train(run: Run) -> dict:
 
     def run_eval():
         m = evaluate(run.model, run.valid_ds, args, run.forward_backward, args.eval_iters)
+        for name, dataset in run.extra_valid.items():
+            extra = evaluate(run.model, dataset, args, run.forward_backward, args.eval_iters)
+            if m is not None and extra is not None:
+                m[f"val_loss_{name}"] = extra["val_loss"]
         if m is not None:
             run.writer.eval(state.step, m)
             history["eval"].append({"step": state.step, **m})

@@ -1,0 +1,167 @@
+"""The numbers of the reproduction report, from the runs' ``result.json`` files (no plotting, no files).
+
+Variants are compared with the baseline *of the same seed* (same student initialisation and data order): the
+paired difference removes most of the seed-to-seed noise, which at this scale is as large as the effect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+# the held-out sets every run evaluates: metric key → label
+EVAL_SETS = {
+    "val_loss": "SOTU, held-out years (1990-)",
+    "val_loss_shakespeare": "Shakespeare's plays (other source)",
+}
+
+
+def curve(result: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, losses) of one run on one held-out set, in step order."""
+    rows = sorted((r["step"], r[key]) for r in result["eval"] if key in r)
+    return np.array([s for s, _ in rows], dtype=float), np.array([v for _, v in rows], dtype=float)
+
+
+def first_reach(steps: np.ndarray, losses: np.ndarray, target: float) -> float | None:
+    """The (linearly interpolated) step at which a curve first gets to ``target`` or below; None if never."""
+    for i, loss in enumerate(losses):
+        if loss <= target:
+            if i == 0:
+                return float(steps[0])
+            s0, l0, s1 = steps[i - 1], losses[i - 1], steps[i]
+            return float(s0 + (l0 - target) / (l0 - loss) * (s1 - s0))
+    return None
+
+
+def step_seconds(result: dict) -> np.ndarray:
+    """Each step's time, as the median step time of its kind in this run (teacher running or not).
+
+    Medians per kind rather than raw times: other load on the machine (a shared CI runner, a test suite) can slow a
+    stretch of one run and would otherwise decide a comparison of a few percent.
+    """
+    ran = np.array([bool(r["teacher_ran"]) for r in result["train"]])
+    raw = np.array([r["step_time_s"] for r in result["train"]], dtype=float)
+    out = np.empty_like(raw)
+    for kind in (True, False):
+        if (ran == kind).any():
+            out[ran == kind] = np.median(raw[ran == kind])
+    return out
+
+
+def train_seconds_until(result: dict, step: float) -> float:
+    """Training wall-clock (teacher forward included) of the steps up to ``step`` (interpolated)."""
+    steps = np.array([r["step"] for r in result["train"]], dtype=float)
+    cumulative = np.cumsum(step_seconds(result))
+    return float(np.interp(step, np.concatenate(([0.0], steps)), np.concatenate(([0.0], cumulative))))
+
+
+def train_seconds(result: dict) -> float:
+    return float(step_seconds(result).sum())
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan for one value)."""
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
+
+
+@dataclasses.dataclass
+class VariantSummary:
+    name: str
+    seeds: list[int]
+    final: dict  # eval key → list of final losses (one per seed)
+    paired_diff: dict  # eval key → list of (variant - baseline) final losses over the seeds both have
+    reach_fraction: dict  # eval key → list over paired seeds: fraction of steps to reach the baseline's final loss
+    #                       (None: not reached)
+    train_s: list  # training wall-clock per run (teacher forward included)
+    kd_step_s: float  # median step time while the teacher runs (nan if never)
+    lm_step_s: float  # median step time without the teacher
+    time_to_baseline_s: list  # per paired seed: training seconds until the baseline's final loss (None: not reached)
+    saved_fraction: list  # per paired seed: 1 - time_to_baseline / baseline's training time (None: not reached)
+
+
+def summarise(results: list[dict], iters: int) -> dict[str, VariantSummary]:
+    """Per-variant summaries; variants without a baseline of the same seed get no paired numbers."""
+    by_variant: dict[str, dict[int, dict]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], {})[r["seed"]] = r
+    baselines = by_variant.get("baseline", {})
+    out = {}
+    for name, runs in by_variant.items():
+        seeds = sorted(runs)
+        final = {k: [float(curve(runs[s], k)[1][-1]) for s in seeds] for k in EVAL_SETS}
+        paired = [s for s in seeds if s in baselines]
+        diff, reach = {}, {}
+        for k in EVAL_SETS:
+            diff[k] = [float(curve(runs[s], k)[1][-1] - curve(baselines[s], k)[1][-1]) for s in paired]
+            reach[k] = []
+            for s in paired:
+                target = curve(baselines[s], k)[1][-1]
+                step = first_reach(*curve(runs[s], k), target)
+                reach[k].append(None if step is None else step / iters)
+        times, saved = [], []
+        for s, fraction in zip(paired, reach["val_loss"]):
+            if fraction is None:
+                times.append(None)
+                saved.append(None)
+            else:
+                t = train_seconds_until(runs[s], fraction * iters)
+                times.append(t)
+                saved.append(1.0 - t / train_seconds(baselines[s]))
+        kd_steps = [t["step_time_s"] for s in seeds for t in runs[s]["train"] if t["teacher_ran"]]
+        lm_steps = [t["step_time_s"] for s in seeds for t in runs[s]["train"] if not t["teacher_ran"]]
+        out[name] = VariantSummary(
+            name=name, seeds=seeds, final=final, paired_diff=diff, reach_fraction=reach,
+            train_s=[train_seconds(runs[s]) for s in seeds],
+            kd_step_s=float(np.median(kd_steps)) if kd_steps else math.nan,
+            lm_step_s=float(np.median(lm_steps)) if lm_steps else math.nan,
+            time_to_baseline_s=times, saved_fraction=saved,
+        )
+    return out
+
+
+def mean_curves(results: list[dict], variant: str, key: str, minus_baseline: bool = False):
+    """(steps, mean, std, n) over the seeds of ``variant`` on ``key``; with ``minus_baseline`` the paired
+    difference to the baseline of the same seed, step by step."""
+    runs = {r["seed"]: r for r in results if r["variant"] == variant}
+    base = {r["seed"]: r for r in results if r["variant"] == "baseline"}
+    seeds = [s for s in sorted(runs) if not minus_baseline or s in base]
+    if not seeds:
+        return None
+    steps = curve(runs[seeds[0]], key)[0]
+    rows = []
+    for s in seeds:
+        st, loss = curve(runs[s], key)
+        if minus_baseline:
+            bst, bloss = curve(base[s], key)
+            loss = loss - np.interp(st, bst, bloss)
+        rows.append(np.interp(steps, st, loss))
+    m = np.vstack(rows)
+    return steps, m.mean(0), (m.std(0, ddof=1) if len(seeds) > 1 else np.zeros_like(steps)), len(seeds)
+
+
+def crossover_step(steps: np.ndarray, losses: np.ndarray, level: float) -> float | None:
+    """Where a (decreasing) curve first gets to ``level``: e.g. where the baseline student overtakes the teacher."""
+    return first_reach(steps, losses, level)
+
+
+def verdict_word(diffs: list[float], baseline_spread: float) -> str:
+    """'better' / 'worse' / 'no clear difference' from paired differences (negative = lower loss than baseline).
+
+    With two or more seeds: the mean must be more than two standard errors from zero.  With one seed: the
+    difference must exceed twice the baseline's seed-to-seed standard deviation (a rough bar: one run can't do more).
+    """
+    d = [x for x in diffs if x is not None]
+    if not d:
+        return "no paired baseline"
+    mean, sd = mean_std(d)
+    bar = 2 * sd / math.sqrt(len(d)) if len(d) > 1 else (2 * baseline_spread if math.isfinite(baseline_spread) else 0)
+    if mean < -bar:
+        return "better"
+    if mean > bar:
+        return "worse"
+    return "no clear difference"

