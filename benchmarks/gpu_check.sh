@@ -10,7 +10,7 @@
 # Usage, from anywhere:  bash benchmarks/gpu_check.sh        (PYTHON=... to pick the interpreter)
 # Finishes in about 3-4 minutes on an H100/H200; every step prints its own output and the summary comes last.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-8}"
 PY="${PYTHON:-python3}"

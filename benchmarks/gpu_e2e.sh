@@ -5,7 +5,7 @@
 #   .gpu_data/sotu{.model,_train.*,_valid.*}   (a prepared dataset: `salt-megatron prepare` here)
 # Usage: bash benchmarks/gpu_e2e.sh            (run benchmarks/gpu_check.sh first: it builds the CUDA kernel)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "could not install the carried megatron-core wheel"; exit 1; }
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1

@@ -180,3 +180,48 @@ def test_refuses_teacher_whose_weights_do_not_match_its_fingerprint(corpus, teac
     msg = run_workers(_refusal_worker, 1, ["--data-path", corpus, *STUDENT, "--train-iters", "4", "--teacher-load",
                                            str(wrong), "--kd-steps", "2"])[0]
     assert msg is not None and "did not load" in msg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --extra-valid-data-path: more held-out sets, evaluated with the main one
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_extra_validation_sets_are_evaluated_and_logged(corpus, tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    (history,) = pretrain(1, ["--data-path", corpus, *STUDENT, "--train-iters", "4", "--eval-interval", "2",
+                              "--eval-iters", "1", "--extra-valid-data-path", f"again={corpus}_valid",
+                              f"train={corpus}_train.bin", "--metrics-file", str(metrics)])
+    evals = history["eval"]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    for e in evals:
+        # the same windows as the main validation set (same prefix, same seed): the same loss
+        assert e["val_loss_again"] == pytest.approx(e["val_loss"], rel=1e-6)
+        assert e["val_loss_train"] != e["val_loss"] and e["val_loss_train"] > 0
+    logged = [json.loads(line) for line in open(metrics) if '"eval"' in line]
+    assert {"val_loss_again", "val_loss_train"} <= set(logged[-1])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("noequals", "wants NAME=PREFIX"),
+    ("bad-name=x", "wants NAME=PREFIX"),
+    ("a=CORPUS_valid a=CORPUS_valid", "names 'a' twice"),
+    ("a=/nonexistent/prefix", "no indexed dataset for a: /nonexistent/prefix"),
+])
+def test_refuses_bad_extra_validation_sets(corpus, spec, message):
+    specs = spec.replace("CORPUS", corpus).split()
+    msg = _refusal(["--data-path", corpus, *STUDENT, "--train-iters", "2", "--extra-valid-data-path", *specs])
+    assert message in msg
+
+
+def test_refuses_extra_validation_set_of_another_tokenizer(corpus, tmp_path):
+    from salt_megatron.data.prepare import prepare
+
+    text = tmp_path / "t.jsonl"
+    with open(text, "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": f"another corpus line {i} with its own words {i * 3}"}) + "\n")
+    prepare([str(text)], str(tmp_path / "other"), vocab_size=320, workers=1, progress=False)
+    msg = _refusal(["--data-path", corpus, *STUDENT, "--train-iters", "2", "--extra-valid-data-path",
+                    f"other={tmp_path / 'other'}_train"])
+    assert "tokenized with another tokenizer" in msg

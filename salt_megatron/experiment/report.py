@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from salt_megatron.experiment.analysis import (EVAL_SETS, crossover_step, mean_curves, mean_std, summarise,
-                                               verdict_word)
+                                               train_seconds, verdict_word)
 
 COLORS = {"baseline": "black", "salt_step20": "tab:blue", "salt_ds": "tab:green", "rkd": "tab:red",
           "salt_step10": "tab:cyan", "salt_step40": "tab:purple", "salt_linear": "tab:orange"}
@@ -183,7 +183,7 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
         saved = [f for f in x.saved_fraction if f is not None]
         cells.append("—" if v == "baseline" else (f"{mean_std(saved)[0]:+.0%}" if saved else "never reached"))
         lines.append("| " + " | ".join(cells) + " |")
-    teacher_s = teacher["train_s"]
+    teacher_s = train_seconds(teacher)
     lines += [
         "",
         f"Training time is the sum of the step times, teacher forward included during KD and evaluation excluded; "

@@ -135,6 +135,11 @@ def _student_or_teacher_flags(p: dict, who: str, eval_flags: list[str]) -> list[
     return [*model_flags(p, who), "--log-interval", str(log_every), *eval_flags]
 
 
+def _train_rows(metrics: dict) -> list[dict]:
+    return [{k: r[k] for k in ("step", "step_time_s", "kd_weight", "teacher_ran", "loss", "ce")}
+            for r in metrics["train"]]
+
+
 def _train_teacher(out: str, p: dict, prefix: str, eval_flags: list[str]) -> dict:
     teacher = os.path.join(out, "teacher")
     result_file = os.path.join(teacher, "result.json")
@@ -147,8 +152,7 @@ def _train_teacher(out: str, p: dict, prefix: str, eval_flags: list[str]) -> dic
                              "--save", os.path.join(teacher, "checkpoint"), "--metrics-file", metrics],
                             os.path.join(out, "teacher.log"))
         m = read_metrics(metrics)
-        _atomic_json(result_file, {"eval": m["eval"], "train_s": sum(r["step_time_s"] for r in m["train"]),
-                                   "wall_s": seconds})
+        _atomic_json(result_file, {"eval": m["eval"], "wall_s": seconds, "train": _train_rows(m)})
     with open(result_file) as f:
         return json.load(f)
 
@@ -187,9 +191,7 @@ def _train_student(out: str, p: dict, prefix: str, eval_flags: list[str], name: 
         m = read_metrics(metrics)
         _atomic_json(result_file, {
             "variant": name, "seed": seed, "flags": flags, "wall_s": seconds,
-            "eval": m["eval"],
-            "train": [{k: r[k] for k in ("step", "step_time_s", "kd_weight", "teacher_ran", "loss", "ce")}
-                      for r in m["train"]],
+            "eval": m["eval"], "train": _train_rows(m),
         })
     with open(result_file) as f:
         return json.load(f)
