@@ -124,6 +124,7 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
     base = s["baseline"]
     base_spread = {k: mean_std(base.final[k])[1] for k in EVAL_SETS}
     tokens = iters * p["micro_batch"] * p["seq"]
+    teacher_tokens = p["teacher_iters"] * p["micro_batch"] * p["seq"]
     kd20 = round(0.2 * iters)
 
     lines = [
@@ -146,7 +147,8 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
         f"{iters} steps of {p['micro_batch']} x {p['seq']} tokens ({tokens / 1e6:.2f}M tokens), AdamW, "
         f"lr {p['student_lr']} cosine to {p['student_lr'] / 10:g}; the same for every variant.",
         f"- Teacher (the small LM): {p['teacher_layers']} layers x {p['teacher_hidden']}, trained once for "
-        f"{p['teacher_iters']} steps on the same data and reused by every variant.  Final validation loss "
+        f"{p['teacher_iters']} steps ({teacher_tokens / 1e6:.2f}M tokens, {teacher_tokens / tokens:.1f}x the "
+        "student's budget) on the same data and reused by every variant.  Final validation loss "
         + ", ".join(f"{EVAL_SETS[k].split(',')[0].split(' (')[0]} {v:.3f}" for k, v in teacher_final.items()) + ".",
         f"- KD: loss (1-ω)·CE + ω·KD with ω0 = {p['kd_weight']}, τ = {p['kd_temperature']}; SALT_DS draws its KD "
         f"phase from the top {p['select_fraction']:.0%} of windows by the teacher's SALT score (median loss over "
