@@ -31,12 +31,12 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	$(PY) -m salt_megatron.cli demo --full --out demo_out_full
 
-# the reproduction report (docs/experiment/): baselines, ablations, paired seeds; ~1.5 h on 2 cores (quick: ~15 min)
+# the reproduction report (docs/experiment/): baselines, ablations, paired seeds; ~1.5 h on 2 cores (quick: ~8 min)
 experiment: $(STAMP)
 	$(PY) -m salt_megatron.cli experiment --out experiment_out --report-dir docs/experiment
 
 experiment-quick: $(STAMP)
-	$(PY) -m salt_megatron.cli experiment --quick --out experiment_out_quick --report-dir experiment_out_quick/report
+	$(PY) -m salt_megatron.cli experiment --quick --out experiment_out_quick --report-dir docs/experiment/quick
 
 bench: $(STAMP)
 	$(PY) benchmarks/kd_loss.py

@@ -211,7 +211,7 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
         "",
         f"`make experiment` (= `salt-megatron experiment --out experiment_out --report-dir docs/experiment`) reruns "
         "everything; finished runs are skipped (their `result.json` sits beside each checkpoint under "
-        "`experiment_out/runs/VARIANT-seedN/`), so a killed experiment resumes.  `--quick` is the 15-minute preset; "
+        "`experiment_out/runs/VARIANT-seedN/`), so a killed experiment resumes.  `--quick` is the 8-minute preset (teacher on the student's budget); "
         "`--report-only` rewrites this file from the finished runs.",
         "",
         "Per-seed final losses (SOTU held-out years):",
@@ -313,7 +313,9 @@ def _verdict(s, variants, base_spread, teacher_final, results, iters, kd20, teac
         out.append("- n_KD and the transition (paired final difference, SOTU): " + ", ".join(
             f"{v} {mean_std(s[v].paired_diff['val_loss'])[0]:+.3f}" for v in ablations) + ".  Single-seed "
             "ablations differ from each other by less than the seed noise unless the gap exceeds about "
-            f"{2 * base_spread['val_loss']:.3f} (twice the baseline's seed std).")
+            f"{2 * base_spread['val_loss']:.3f} (twice the baseline's seed std"
+            + (f", itself a rough estimate from {len(s['baseline'].seeds)} seeds" if len(s["baseline"].seeds) < 4
+               else "") + ").")
     if "salt_ds" in s and "salt_step20" in s:
         ds = [x for x in s["salt_ds"].paired_diff["val_loss"]]
         out.append(f"- SALT_DS vs SALT: {_signed(*mean_std(ds))} vs "
