@@ -1,7 +1,9 @@
 """Where does ``vocab_parallel_kl_div(..., impl="fused")`` spend its time beyond the two CUDA kernels?
 
-On an H200, N=8192, V=32768, bf16, τ=2: row_stats 0.302 ms + student_grad 0.425 ms, but the API's forward+backward
-takes 1.476 ms (benchmarks/gpu_kd_loss.py); at V=131072 1.089 + 1.668 ms vs 3.783 ms.  For each V this script
+Written when the API's forward+backward took 0.7-1 ms more than its two kernels (H200 and H100, N=8192, bf16); it
+showed a stream synchronisation in the row-statistics combination (a tuple index copied to the GPU from pageable
+memory) with the GPU idle behind it, since removed: the call is now the kernels plus ~0.06 ms (README, "Fused CUDA
+kernel").  Kept as the tool to check that stays true.  For each V this script
 
 1. profiles 5 API forward+backward calls with torch.profiler (CPU + CUDA) and prints the operator table (sorted by
    device time) and, for one call, the chronological list of its GPU kernels / memcpys / memsets: start (µs from
