@@ -63,12 +63,12 @@ def cli_command() -> list[str]:
     return [sys.executable, "-m", "salt_megatron.cli"]
 
 
-def model_flags(p: dict, who: str) -> list[str]:
+def model_flags(p: dict, who: str, log_interval: int = 10) -> list[str]:
     return ["--num-layers", str(p[f"{who}_layers"]), "--hidden-size", str(p[f"{who}_hidden"]),
             "--num-attention-heads", str(p[f"{who}_heads"]), "--seq-length", str(p["seq"]),
             "--micro-batch-size", str(p["micro_batch"]), "--train-iters", str(p[f"{who}_iters"]),
             "--lr", str(p[f"{who}_lr"]), "--min-lr", f"{p[f'{who}_lr'] / 10:g}",
-            "--lr-warmup-iters", str(max(1, p[f"{who}_iters"] // 20)), "--log-interval", "10"]
+            "--lr-warmup-iters", str(max(1, p[f"{who}_iters"] // 20)), "--log-interval", str(log_interval)]
 
 
 def read_metrics(path: str) -> dict:

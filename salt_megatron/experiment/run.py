@@ -132,8 +132,7 @@ def _prepare_data(out: str, p: dict) -> tuple[str, str, dict]:
 
 
 def _student_or_teacher_flags(p: dict, who: str, eval_flags: list[str]) -> list[str]:
-    log_every = max(10, p[f"{who}_iters"] // 20)
-    return [*model_flags(p, who), "--log-interval", str(log_every), *eval_flags]
+    return [*model_flags(p, who, log_interval=max(10, p[f"{who}_iters"] // 20)), *eval_flags]
 
 
 def _train_rows(metrics: dict) -> list[dict]:
