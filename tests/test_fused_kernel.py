@@ -27,6 +27,7 @@ from salt_megatron.kd_loss import (
     vocab_parallel_kl_div,
 )
 from tests.dist_utils import run_workers
+from tests.test_kd_loss import check_one_pass_equals_separate
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -544,8 +545,6 @@ def test_cuda_split_grad_teacher_grad_rows(cuda_kernel, dtype, with_index):
 def test_cuda_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, cuda_kernel, dtype, omega):
     """On a GPU at τ = 1, salt_loss takes CE from the KD pass through the CUDA kernel's teacher_grad_rows; loss,
     CE, KD and the gradient must equal CE (F.cross_entropy) + KD computed apart (_FUSE_CE_WITH_KD = False)."""
-    import salt_megatron.kd_loss as kd
-
     b, s_len, v = 3, 7, 1030
     student = make_logits((b, s_len, v), 0)
     teacher = make_logits((b, s_len, v), 1)
@@ -560,25 +559,8 @@ def test_cuda_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch
         raise AssertionError("the CUDA kernel should write this gradient, not local_student_grad")
 
     monkeypatch.setattr(fused.kd_loss, "local_student_grad", no_pytorch_fallback)
-    results = []
-    for fuse in (True, False):
-        monkeypatch.setattr(kd, "_FUSE_CE_WITH_KD", fuse)
-        calls = []
-        monkeypatch.setattr(kd._KLAndCrossEntropy, "apply", lambda *a, _f=kd._KLAndCrossEntropy.apply: (
-            calls.append(a[-1]), _f(*a))[1])
-        x = student.clone().requires_grad_(True)
-        out = salt_loss(x, labels, teacher, kd_weight=omega, temperature=1.0, loss_mask=mask, impl="fused")
-        out.loss.backward()
-        assert bool(calls) == fuse and all(k is cuda_kernel for k in calls)
-        assert torch.isfinite(x.grad).all()
-        results.append((out.loss.detach().cpu(), out.ce.cpu(), out.kd.cpu(), x.grad.double().cpu()))
-    (l1, c1, k1, g1), (l0, c0, k0, g0) = results
-    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
-    tol = 1e-6 if dtype == torch.float32 else 1e-2 * g0.abs().max().item()
-    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=tol)
-    assert torch.all(g1[2, 4:] == 0)
+    l1, g1, tol, used = check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, omega, "fused")
+    assert used and all(k is cuda_kernel for k in used)
     # and against the PyTorch kernels (the same one-pass path, impl="torch")
     monkeypatch.undo()
     x = student.clone().requires_grad_(True)

@@ -256,13 +256,40 @@ def test_tensor_parallel_matches_gathered_reference(tp, dtype):
         assert [op for op, _ in calls] == [str(torch.distributed.ReduceOp.MAX), str(torch.distributed.ReduceOp.SUM)]
 
 
+def check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, omega, impl):
+    """salt_loss at τ = 1 with CE taken from the KD pass (_FUSE_CE_WITH_KD) against CE and KD computed apart: the
+    same loss, CE, KD and gradient, and no gradient where the mask is 0.  Returns the one-pass loss and gradient
+    (on the CPU, the gradient in float64), the gradient tolerance, and the kernels the one-pass path ran on."""
+    import salt_megatron.kd_loss as kd
+
+    results, used = [], []
+    for fuse in (True, False):
+        monkeypatch.setattr(kd, "_FUSE_CE_WITH_KD", fuse)
+        calls = []
+        monkeypatch.setattr(kd._KLAndCrossEntropy, "apply", lambda *a, _f=kd._KLAndCrossEntropy.apply: (
+            calls.append(a[-1]), _f(*a))[1])
+        x = student.clone().requires_grad_(True)
+        out = salt_loss(x, labels, teacher, kd_weight=omega, temperature=1.0, loss_mask=mask, impl=impl)
+        out.loss.backward()
+        assert bool(calls) == fuse
+        assert torch.isfinite(x.grad).all()
+        used += calls
+        results.append((out.loss.detach().cpu(), out.ce.cpu(), out.kd.cpu(), x.grad.double().cpu()))
+    (l1, c1, k1, g1), (l0, c0, k0, g0) = results
+    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    tol = 1e-6 if student.dtype == torch.float32 else 1e-2 * g0.abs().max().item()
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=tol)
+    assert torch.all(g1[mask.cpu() == 0] == 0)
+    return l1, g1, tol, used
+
+
 @pytest.mark.parametrize("impl", ["torch", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("omega", [0.3, 1.0])
 def test_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, impl, dtype, omega):
     """At τ = 1 on one unpadded shard, salt_loss takes CE from the KD pass; it must equal CE + KD computed apart."""
-    import salt_megatron.kd_loss as kd
-
     b, s_len, v = 3, 7, 300
     student = make_logits((b, s_len, v), 0).to(dtype)
     teacher = make_logits((b, s_len, v), 1).to(dtype)
@@ -270,24 +297,7 @@ def test_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, imp
     labels = torch.randint(0, v, (b, s_len), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(b, s_len)
     mask[2, 4:] = 0
-    results = []
-    for fuse in (True, False):
-        monkeypatch.setattr(kd, "_FUSE_CE_WITH_KD", fuse)
-        calls = []
-        monkeypatch.setattr(kd._KLAndCrossEntropy, "apply", lambda *a, _f=kd._KLAndCrossEntropy.apply: (
-            calls.append(1), _f(*a))[1])
-        x = student.clone().requires_grad_(True)
-        out = salt_loss(x, labels, teacher, kd_weight=omega, temperature=1.0, loss_mask=mask, impl=impl)
-        out.loss.backward()
-        assert bool(calls) == fuse
-        results.append((out.loss.detach(), out.ce, out.kd, x.grad.double()))
-    (l1, c1, k1, g1), (l0, c0, k0, g0) = results
-    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
-    tol = 1e-6 if dtype == torch.float32 else 1e-2 * g0.abs().max().item()
-    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=tol)
-    assert torch.all(g1[2, 4:] == 0)
+    check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, omega, impl)
 
 
 def test_salt_loss_keeps_ce_separate_when_it_cannot_share_the_pass(monkeypatch):
