@@ -131,14 +131,25 @@ def peak_above(fn, baseline: int, device: str) -> int | None:
     return torch.cuda.max_memory_allocated() - baseline
 
 
-def bench_one(rows: int, vocab: int, dtype: torch.dtype, tau: float, iters: int, bandwidth: float | None,
-              device: str = "cuda"):
+def bench_inputs(rows: int, vocab: int, dtype: torch.dtype, device: str):
+    """Student and teacher logits ``[rows, vocab]`` (seeded), an upstream gradient of ones, the student as a leaf
+    that takes gradients, and the fused kernels for the device (also used by benchmarks/gpu_profile.py)."""
     g = torch.Generator(device=device).manual_seed(1)
     s = (torch.randn(rows, vocab, device=device, generator=g) * 3).to(dtype)
     t = (torch.randn(rows, vocab, device=device, generator=g) * 3).to(dtype)
     grad_out = torch.ones(rows, device=device)
-    x = s.detach().requires_grad_(True)
-    kernels = fused.kernels_for(device, required=True)
+    return s, t, grad_out, s.detach().requires_grad_(True), fused.kernels_for(device, required=True)
+
+
+def grad_row_vectors(kernels, s, t, tau, grad_out):
+    """The row vectors student_grad takes (max_s, log_sum_s, max_t, log_sum_t, grad_rows), from the fused forward."""
+    stats = kernels.row_stats(s, t, tau)
+    return stats[:, 0], stats[:, 1].log(), stats[:, 2], stats[:, 3].log(), grad_out
+
+
+def bench_one(rows: int, vocab: int, dtype: torch.dtype, tau: float, iters: int, bandwidth: float | None,
+              device: str = "cuda"):
+    s, t, grad_out, x, kernels = bench_inputs(rows, vocab, dtype, device)
 
     def fused_fwd_bwd():
         x.grad = None
@@ -154,8 +165,7 @@ def bench_one(rows: int, vocab: int, dtype: torch.dtype, tau: float, iters: int,
                       reduction="none").sum(-1)
         kl.backward(grad_out)
 
-    stats = kernels.row_stats(s, t, tau)
-    vec = (stats[:, 0], stats[:, 1].log(), stats[:, 2], stats[:, 3].log(), grad_out)
+    vec = grad_row_vectors(kernels, s, t, tau, grad_out)
     out = torch.empty_like(s)
 
     def fused_fwd_kernel():

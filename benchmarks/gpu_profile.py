@@ -43,6 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from salt_megatron import fused, kd_loss  # noqa: E402
 from salt_megatron.kd_loss import salt_loss, vocab_parallel_kl_div  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_kd_loss import bench_inputs, grad_row_vectors, time_ms  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FAILED: list[str] = []
 
@@ -70,27 +73,6 @@ def section(title: str, fn, *args, **kwargs):
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def isolated_ms(fn, device: str, iters: int, warmup: int = 3) -> float:
-    """Median ms of one call starting on an idle GPU (CUDA events around it, as gpu_kd_loss.py); wall on CPU."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def back_to_back(fn, device: str, calls: int) -> dict[str, float]:
@@ -131,7 +113,7 @@ def cpu_launch_ms(fn, device: str, iters: int) -> float:
 
 def timing_report(name: str, fn, device: str, iters: int, kernels_ms: float | None = None) -> dict[str, float]:
     """Isolated / back-to-back / CPU-launch times of fn and which of CPU and GPU bounds it."""
-    iso = isolated_ms(fn, device, iters)
+    iso = time_ms(fn, iters, device)
     b2b = back_to_back(fn, device, iters)
     cpu = cpu_launch_ms(fn, device, iters)
     print(f"  {name}")
@@ -415,12 +397,8 @@ def report(rows: int, vocab: int, dtype: torch.dtype, tau: float, iters: int, de
     from torch.profiler import record_function
 
     print(f"\n===== N={rows} V={vocab} {str(dtype).replace('torch.', '')} τ={tau} on {device} =====")
-    g = torch.Generator(device=device).manual_seed(1)
-    s = (torch.randn(rows, vocab, device=device, generator=g) * 3).to(dtype)
-    t = (torch.randn(rows, vocab, device=device, generator=g) * 3).to(dtype)
-    grad_out = torch.ones(rows, device=device)
-    x = s.detach().requires_grad_(True)
-    kernels = fused.kernels_for(device, required=True)
+    s, t, grad_out, x, kernels = bench_inputs(rows, vocab, dtype, device)
+    g = torch.Generator(device=device).manual_seed(2)
     mask = torch.rand(rows, device=device, generator=g) >= mask_fraction
     labels = torch.randint(0, vocab, (rows,), device=device, generator=g)
 
@@ -450,16 +428,15 @@ def report(rows: int, vocab: int, dtype: torch.dtype, tau: float, iters: int, de
     section(f"profile: 5 x API fwd+bwd (V={vocab})", profile_calls, api_fwd_bwd_annotated, device)
 
     # 2. timings
-    stats = kernels.row_stats(s, t, tau)
-    vec = (stats[:, 0], stats[:, 1].log(), stats[:, 2], stats[:, 3].log(), grad_out)
+    vec = grad_row_vectors(kernels, s, t, tau, grad_out)
     out = torch.empty_like(s)
     half = torch.full_like(grad_out, 0.5)
 
     def kernel_times():
-        fwd = isolated_ms(lambda: kernels.row_stats(s, t, tau), device, iters)
-        bwd = isolated_ms(lambda: kernels.student_grad(s, t, *vec, tau, out), device, iters)
-        bwd_split = isolated_ms(lambda: kernels.student_grad(s, t, *vec, tau, out, teacher_grad_rows=half),
-                                device, iters)
+        fwd = time_ms(lambda: kernels.row_stats(s, t, tau), iters, device)
+        bwd = time_ms(lambda: kernels.student_grad(s, t, *vec, tau, out), iters, device)
+        bwd_split = time_ms(lambda: kernels.student_grad(s, t, *vec, tau, out, teacher_grad_rows=half),
+                            iters, device)
         print(f"  row_stats kernel {fwd:.3f} ms, student_grad kernel {bwd:.3f} ms "
               f"(with teacher_grad_rows {bwd_split:.3f} ms); sum {fwd + bwd:.3f} ms")
         return fwd + bwd
@@ -526,11 +503,11 @@ def salt_section(x, t, labels, device: str, iters: int) -> None:
                           reduction="batchmean")
         print(f"  values: salt_loss one-pass loss {fused_loss.loss.item():.6f} (CE {fused_loss.ce.item():.6f}, KD "
               f"{fused_loss.kd.item():.6f}); fp32 PyTorch CE {ce.item():.6f}, KD {kd.item():.6f}")
-        naive_ms = isolated_ms(naive, device, iters)
+        naive_ms = time_ms(naive, iters, device)
         rows = [("salt_loss one-pass CE+KD (fused)", one_pass), ("salt_loss, CE apart (fused KD)", ce_apart)]
         print(f"  {'fwd+bwd':34s} {'isolated ms':>11s} {'x naive':>8s} {'b2b GPU ms':>10s} {'CPU ms':>8s}")
         for name, fn in rows + [("naive F.cross_entropy + F.kl_div", naive)]:
-            iso = naive_ms if fn is naive else isolated_ms(fn, device, iters)
+            iso = naive_ms if fn is naive else time_ms(fn, iters, device)
             b2b = back_to_back(fn, device, iters)
             cpu = cpu_launch_ms(fn, device, iters)
             print(f"  {name:34s} {iso:11.3f} {iso / naive_ms:8.3f} {b2b['gpu']:10.3f} {cpu:8.3f}")
