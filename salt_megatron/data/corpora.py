@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from salt_megatron.files import write_text_atomically
+
 DEFAULT_VALID_FROM_YEAR = 1990
 
 
@@ -26,11 +28,7 @@ def sotu_speeches() -> list[dict]:
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def export_sotu(out_dir: str, valid_from_year: int = DEFAULT_VALID_FROM_YEAR) -> tuple[str, str]:

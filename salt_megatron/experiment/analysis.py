@@ -144,11 +144,6 @@ def mean_curves(results: list[dict], variant: str, key: str, minus_baseline: boo
     return steps, m.mean(0), (m.std(0, ddof=1) if len(seeds) > 1 else np.zeros_like(steps)), len(seeds)
 
 
-def crossover_step(steps: np.ndarray, losses: np.ndarray, level: float) -> float | None:
-    """Where a (decreasing) curve first gets to ``level``: e.g. where the baseline student overtakes the teacher."""
-    return first_reach(steps, losses, level)
-
-
 def verdict_word(diffs: list[float], baseline_spread: float) -> str:
     """'better' / 'worse' / 'no clear difference' from paired differences (negative = lower loss than baseline).
 

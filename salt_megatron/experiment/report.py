@@ -12,8 +12,9 @@ import time
 
 import numpy as np
 
-from salt_megatron.experiment.analysis import (EVAL_SETS, crossover_step, mean_curves, mean_std, summarise,
+from salt_megatron.experiment.analysis import (EVAL_SETS, first_reach, mean_curves, mean_std, summarise,
                                                train_seconds, verdict_word)
+from salt_megatron.files import write_text_atomically
 
 COLORS = {"baseline": "black", "salt_step20": "tab:blue", "salt_ds": "tab:green", "rkd": "tab:red",
           "salt_step10": "tab:cyan", "salt_step40": "tab:purple", "salt_linear": "tab:orange"}
@@ -43,69 +44,63 @@ def _reach_text(fractions: list) -> str:
     return f"{m:.0%}{tail}"
 
 
-def _plot(results, variants, report_dir, teacher_final, iters) -> list[str]:
+def _band(ax, variant: str, curves, lw: float = 1.0) -> None:
+    """One variant's mean curve, with its ± std band when there are several seeds."""
+    steps, mean, sd, n = curves
+    ax.plot(steps, mean, color=COLORS.get(variant), lw=lw, label=f"{variant} (n={n})")
+    if n > 1:
+        ax.fill_between(steps, mean - sd, mean + sd, color=COLORS.get(variant), alpha=0.15)
+
+
+def _figure(panel, title: str, ylabel: str, path: str) -> None:
+    """One PNG with a panel per held-out set; ``panel(ax, key)`` draws a set's curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
-    names = [v for v in variants if any(r["variant"] == v for r in results)]
-    # 1. validation curves, mean ± std over seeds
     fig, axes = plt.subplots(1, len(EVAL_SETS), figsize=(13, 4.8))
     for ax, (key, label) in zip(axes, EVAL_SETS.items()):
+        panel(ax, key)
+        ax.set_title(label)
+        ax.set_xlabel("student step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot(results, variants, report_dir, teacher_final, iters) -> None:
+    names = [v for v in variants if any(r["variant"] == v for r in results)]
+
+    def validation_curves(ax, key):  # mean ± std over seeds; the y range from the run's first 15% on
         lows, highs = [], []
         for v in names:
-            steps, mean, sd, n = mean_curves(results, v, key)
-            ax.plot(steps, mean, color=COLORS.get(v), lw=1.6 if v in ("baseline", "salt_step20") else 1.0,
-                    label=f"{v} (n={n})")
-            if n > 1:
-                ax.fill_between(steps, mean - sd, mean + sd, color=COLORS.get(v), alpha=0.15)
+            curves = mean_curves(results, v, key)
+            _band(ax, v, curves, lw=1.6 if v in ("baseline", "salt_step20") else 1.0)
+            steps, mean = curves[0], curves[1]
             lows.append(mean.min())
             highs.append(np.interp(0.15 * iters, steps, mean))
         if key in teacher_final:
             ax.axhline(teacher_final[key], color="grey", ls=":", lw=1.2, label="teacher (final)")
             lows.append(teacher_final[key])
         ax.set_ylim(min(lows) - 0.05, max(highs))
-        ax.set_title(label)
-        ax.set_xlabel("student step")
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Validation loss, mean ± std over seeds")
-    fig.tight_layout()
-    path = os.path.join(report_dir, "curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
 
-    # 2. paired differences to the baseline of the same seed
-    fig, axes = plt.subplots(1, len(EVAL_SETS), figsize=(13, 4.8))
-    for ax, (key, label) in zip(axes, EVAL_SETS.items()):
+    def paired_differences(ax, key):  # variant - baseline of the same seed
         for v in names:
-            if v == "baseline":
-                continue
-            got = mean_curves(results, v, key, minus_baseline=True)
-            if got is None:
-                continue
-            steps, mean, sd, n = got
-            ax.plot(steps, mean, color=COLORS.get(v), label=f"{v} (n={n})")
-            if n > 1:
-                ax.fill_between(steps, mean - sd, mean + sd, color=COLORS.get(v), alpha=0.15)
+            curves = None if v == "baseline" else mean_curves(results, v, key, minus_baseline=True)
+            if curves is not None:
+                _band(ax, v, curves, lw=1.5)  # matplotlib's default width
         ax.axhline(0.0, color="black", lw=1)
         ax.set_ylim(-0.4, 0.25)
-        ax.set_title(label)
-        ax.set_xlabel("student step")
-        ax.set_ylabel("variant − baseline, same seed (nats)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Paired difference to the baseline (below 0: better than the baseline)")
-    fig.tight_layout()
-    path = os.path.join(report_dir, "paired_differences.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
-    return paths
+
+    _figure(validation_curves, "Validation loss, mean ± std over seeds", "validation loss (nats/token)",
+            os.path.join(report_dir, "curves.png"))
+    _figure(paired_differences, "Paired difference to the baseline (below 0: better than the baseline)",
+            "variant − baseline, same seed (nats)", os.path.join(report_dir, "paired_differences.png"))
 
 
 def _teacher_final(teacher: dict) -> dict:
@@ -209,10 +204,10 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
         "",
         "## Reproduce",
         "",
-        f"`make experiment` (= `salt-megatron experiment --out experiment_out --report-dir docs/experiment`) reruns "
+        "`make experiment` (= `salt-megatron experiment --out experiment_out --report-dir docs/experiment`) reruns "
         "everything; finished runs are skipped (their `result.json` sits beside each checkpoint under "
-        "`experiment_out/runs/VARIANT-seedN/`), so a killed experiment resumes.  `--quick` is the 8-minute preset (teacher on the student's budget); "
-        "`--report-only` rewrites this file from the finished runs.",
+        "`experiment_out/runs/VARIANT-seedN/`), so a killed experiment resumes.  `--quick` is the 8-minute preset "
+        "(teacher on the student's budget); `--report-only` rewrites this file from the finished runs.",
         "",
         "Per-seed final losses (SOTU held-out years):",
         "",
@@ -225,9 +220,7 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
             lines.append(f"| {v} | " + " | ".join(f"{by_seed[i]:.4f}" if i in by_seed else ""
                                                    for i in range(1, max(p["seeds"].values()) + 1)) + " |")
     path = os.path.join(report_dir, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+    write_text_atomically(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -283,7 +276,7 @@ def _verdict(s, variants, base_spread, teacher_final, results, iters, kd20, teac
                           else "after the switch the baseline closes the gap entirely."))
     if "val_loss" in teacher_final:
         steps, mean, _, _ = mean_curves(results, "baseline", "val_loss")
-        cross = crossover_step(steps, mean, teacher_final["val_loss"])
+        cross = first_reach(steps, mean, teacher_final["val_loss"])  # where the student overtakes the teacher
         t = teacher_final["val_loss"]
         if cross is None:
             out.append(f"- Teacher/student gap: the teacher's final loss ({t:.3f}) stays below the baseline "

@@ -24,6 +24,10 @@ import shutil
 import time
 
 from salt_megatron.demo import cli_command, model_flags, read_metrics, run_stage
+from salt_megatron.files import write_text_atomically
+
+# the method's knobs, the same in every preset: ω0, τ, and the share of windows SALT_DS keeps
+_SALT_KNOBS = dict(kd_weight=0.5, kd_temperature=1.0, select_fraction=0.3)
 
 PRESETS = {
     # ~1.5 hours on 2 CPU cores (86 min measured): 17 student runs of 500 steps (1M tokens each), teacher, scoring
@@ -31,7 +35,7 @@ PRESETS = {
         vocab=4096, seq=128, micro_batch=16,
         teacher_layers=2, teacher_hidden=192, teacher_heads=4, teacher_iters=1000, teacher_lr=3e-3,
         student_layers=4, student_hidden=256, student_heads=4, student_iters=500, student_lr=2e-3,
-        kd_weight=0.5, kd_temperature=1.0, select_fraction=0.3,
+        **_SALT_KNOBS,
         eval_interval=25, eval_iters=6,
         seeds={"main": 5, "salt_ds": 3, "ablation": 1},
     ),
@@ -41,7 +45,7 @@ PRESETS = {
         vocab=2048, seq=128, micro_batch=16,
         teacher_layers=2, teacher_hidden=96, teacher_heads=4, teacher_iters=240, teacher_lr=3e-3,
         student_layers=2, student_hidden=160, student_heads=4, student_iters=240, student_lr=2e-3,
-        kd_weight=0.5, kd_temperature=1.0, select_fraction=0.3,
+        **_SALT_KNOBS,
         eval_interval=20, eval_iters=4,
         seeds={"main": 2, "salt_ds": 1, "ablation": 1},
     ),
@@ -50,7 +54,7 @@ PRESETS = {
         vocab=512, seq=32, micro_batch=4,
         teacher_layers=1, teacher_hidden=32, teacher_heads=2, teacher_iters=20, teacher_lr=3e-3,
         student_layers=1, student_hidden=48, student_heads=2, student_iters=20, student_lr=2e-3,
-        kd_weight=0.5, kd_temperature=1.0, select_fraction=0.3,
+        **_SALT_KNOBS,
         eval_interval=5, eval_iters=2,
         seeds={"main": 2, "salt_ds": 1, "ablation": 1},
     ),
@@ -98,10 +102,7 @@ def planned_runs(p: dict, variants: list[str]) -> list[tuple[str, int]]:
 
 
 def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(obj, indent=1))
 
 
 def _prepare_data(out: str, p: dict) -> tuple[str, str, dict]:
@@ -140,21 +141,26 @@ def _train_rows(metrics: dict) -> list[dict]:
             for r in metrics["train"]]
 
 
-def _train_teacher(out: str, p: dict, prefix: str, eval_flags: list[str]) -> dict:
-    teacher = os.path.join(out, "teacher")
-    result_file = os.path.join(teacher, "result.json")
+def _pretrain_once(run_dir: str, pretrain_args: list[str], log: str, **fields) -> dict:
+    """``pretrain`` into ``run_dir`` (checkpoint, metrics) unless its ``result.json`` exists; an unfinished run
+    starts over.  The result: ``fields``, the command's wall-clock, the evaluations and the per-step rows."""
+    result_file = os.path.join(run_dir, "result.json")
     if not os.path.exists(result_file):
-        shutil.rmtree(teacher, ignore_errors=True)
-        os.makedirs(teacher)
-        metrics = os.path.join(teacher, "metrics.jsonl")
-        seconds = run_stage([*cli_command(), "pretrain", "--data-path", prefix,
-                             *_student_or_teacher_flags(p, "teacher", eval_flags), "--seed", "1000",
-                             "--save", os.path.join(teacher, "checkpoint"), "--metrics-file", metrics],
-                            os.path.join(out, "teacher.log"))
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.makedirs(run_dir)
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        seconds = run_stage([*cli_command(), "pretrain", *pretrain_args, "--save", os.path.join(run_dir, "checkpoint"),
+                             "--metrics-file", metrics], log)
         m = read_metrics(metrics)
-        _atomic_json(result_file, {"eval": m["eval"], "wall_s": seconds, "train": _train_rows(m)})
+        _atomic_json(result_file, {**fields, "wall_s": seconds, "eval": m["eval"], "train": _train_rows(m)})
     with open(result_file) as f:
         return json.load(f)
+
+
+def _train_teacher(out: str, p: dict, prefix: str, eval_flags: list[str]) -> dict:
+    return _pretrain_once(os.path.join(out, "teacher"), ["--data-path", prefix,
+                          *_student_or_teacher_flags(p, "teacher", eval_flags), "--seed", "1000"],
+                          os.path.join(out, "teacher.log"))
 
 
 def _score(out: str, p: dict, prefix: str, teacher_ckpt: str) -> float:
@@ -175,26 +181,14 @@ def _score(out: str, p: dict, prefix: str, teacher_ckpt: str) -> float:
 def _train_student(out: str, p: dict, prefix: str, eval_flags: list[str], name: str, seed: int,
                    teacher_ckpt: str) -> dict:
     run_dir = os.path.join(out, "runs", f"{name}-seed{seed}")
-    result_file = os.path.join(run_dir, "result.json")
-    if os.path.exists(result_file):
-        print(f"[{name} seed {seed}] finished earlier: {result_file}", flush=True)
+    if os.path.exists(os.path.join(run_dir, "result.json")):
+        print(f"[{name} seed {seed}] finished earlier: {os.path.join(run_dir, 'result.json')}", flush=True)
     else:
-        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
-        os.makedirs(run_dir)
-        metrics = os.path.join(run_dir, "metrics.jsonl")
-        flags = variant_flags(name, p, teacher_ckpt)
         print(f"[{name} seed {seed}] {VARIANTS[name][0]}", flush=True)
-        seconds = run_stage([*cli_command(), "pretrain", "--data-path", prefix,
-                             *_student_or_teacher_flags(p, "student", eval_flags), *flags, "--seed", str(seed),
-                             "--save", os.path.join(run_dir, "checkpoint"), "--metrics-file", metrics],
-                            os.path.join(run_dir, "train.log"))
-        m = read_metrics(metrics)
-        _atomic_json(result_file, {
-            "variant": name, "seed": seed, "flags": flags, "wall_s": seconds,
-            "eval": m["eval"], "train": _train_rows(m),
-        })
-    with open(result_file) as f:
-        return json.load(f)
+    flags = variant_flags(name, p, teacher_ckpt)
+    return _pretrain_once(run_dir, ["--data-path", prefix, *_student_or_teacher_flags(p, "student", eval_flags),
+                                    *flags, "--seed", str(seed)],
+                          os.path.join(run_dir, "train.log"), variant=name, seed=seed, flags=flags)
 
 
 def main(argv=None) -> None:

@@ -23,6 +23,7 @@ import shutil
 import torch
 
 from salt_megatron.compat import ensure_megatron_runs_here
+from salt_megatron.files import write_text_atomically
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "salt_meta.json"
@@ -78,15 +79,6 @@ def read_meta(checkpoint_dir: str) -> dict:
         meta = json.load(f)
     meta["path"] = path
     return meta
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -150,11 +142,11 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, meta: dict, writ
     torch.distributed.barrier()
     if rank == 0:
         meta = dict(meta, format_version=FORMAT_VERSION, step=step, world_size=torch.distributed.get_world_size())
-        _atomic_write_text(os.path.join(tmp, META), json.dumps(meta, indent=1, sort_keys=True))
+        write_text_atomically(os.path.join(tmp, META), json.dumps(meta, indent=1, sort_keys=True))
         if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_write_text(os.path.join(save_dir, TRACKER), str(step))
+        write_text_atomically(os.path.join(save_dir, TRACKER), str(step))
     torch.distributed.barrier()
     return final
 
