@@ -1,16 +1,22 @@
 """salt_megatron: SALT pretraining (small LM helps a large LM) on megatron-core and DeepSpeed."""
 
 import os
+import runpy
 import shutil
 import sys
 
 from setuptools import find_packages, setup
 
+# the kernels' compiler flags and contract version, shared with the just-in-time build (salt_megatron.kd.build);
+# read as a plain file so that building needs nothing of the package importable
+KERNEL_FLAGS = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "salt_megatron", "kd",
+                                           "kernel_flags.py"))
+
 
 def _fused_kernel_extensions():
     """The fused KL kernels (csrc/): the CPU extension always, the CUDA one when a CUDA toolkit and a CUDA torch
     are found.  SALT_MEGATRON_BUILD_EXT=0 builds none, SALT_MEGATRON_BUILD_CUDA=0 skips CUDA.  Without torch at
-    build time (build isolation) nothing is built; salt_megatron.fused then compiles the sources just in time."""
+    build time (build isolation) nothing is built; salt_megatron.kd.build then compiles the sources just in time."""
     if os.environ.get("SALT_MEGATRON_BUILD_EXT", "1") == "0":
         return [], {}
     try:
@@ -19,31 +25,27 @@ def _fused_kernel_extensions():
     except ImportError:
         print("salt_megatron: torch is not importable at build time; skipping the fused kernels", file=sys.stderr)
         return [], {}
-    # flags as in salt_megatron/fused.py (no -march: the CPU kernel picks AVX-512/AVX2/SSE2 code at load time)
+    flags = KERNEL_FLAGS
     ext_modules = [
         CppExtension(
-            "salt_megatron._kl_cpu",
-            ["csrc/kl_div_cpu_binding.cpp", "csrc/kl_div_cpu.cpp"],
+            flags["INSTALLED_MODULE"]["cpu"],
+            [f"csrc/{name}" for name in flags["SOURCES"]["cpu"]],
             include_dirs=["csrc"],
-            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"],
-            extra_link_args=["-fopenmp"],
+            extra_compile_args=flags["CPU_CFLAGS"],
+            extra_link_args=flags["CPU_LDFLAGS"],
         )
     ]
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
     want_cuda = os.environ.get("SALT_MEGATRON_BUILD_CUDA", "1") != "0"
     if want_cuda and torch.version.cuda is not None and nvcc and os.path.exists(nvcc):
         # TORCH_CUDA_ARCH_LIST, when set, picks the architectures; else A100 and H100 code plus PTX for newer GPUs
-        arch = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else [
-            "-gencode=arch=compute_80,code=sm_80",
-            "-gencode=arch=compute_90,code=sm_90",
-            "-gencode=arch=compute_90,code=compute_90",
-        ]
+        arch = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else flags["CUDA_ARCH_FLAGS"]
         ext_modules.append(
             CUDAExtension(
-                "salt_megatron._kl_cuda",
-                ["csrc/kl_div_cuda_binding.cpp", "csrc/kl_div_cuda.cu"],
+                flags["INSTALLED_MODULE"]["cuda"],
+                [f"csrc/{name}" for name in flags["SOURCES"]["cuda"]],
                 include_dirs=["csrc"],
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", *arch]},
+                extra_compile_args={"cxx": flags["CUDA_CXXFLAGS"], "nvcc": [*flags["CUDA_NVCC_FLAGS"], *arch]},
             )
         )
     elif want_cuda:

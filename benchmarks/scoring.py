@@ -39,9 +39,10 @@ def main():
     from salt_megatron.data.gpt_data import build_gpt_datasets, collate
     from salt_megatron.data.tokenizer import load_tokenizer
     from salt_megatron.distributed import initialize_distributed
-    from salt_megatron.kd_loss import salt_loss
+    from salt_megatron.kd import salt_loss
     from salt_megatron.model import GPTArchitecture, build_gpt_model, causal_attention_mask, pad_vocab_size
-    from salt_megatron.scoring import ScoredWindows, _score_chunk
+    from salt_megatron.data.windows import UnshuffledWindows
+    from salt_megatron.scoring import _score_chunk
 
     work = args.workdir or tempfile.mkdtemp(prefix="salt_scoring_bench_")
     prefix = prepare_sotu(work, VOCAB)
@@ -56,13 +57,12 @@ def main():
     model = build_gpt_model(arch)
     ds, _ = build_gpt_datasets(prefix + "_train", None, tok, seq_length=SEQ, seed=1234, train_samples=None,
                                valid_samples=None, cache_dir=os.path.join(work, "cache"))
-    windows = ScoredWindows(ds)
+    windows = UnshuffledWindows(ds)
     n = min(args.windows, len(windows))
     batches = [collate([windows.item(w) for w in range(s, min(n, s + args.micro_batch_size))])
                for s in range(0, n, args.micro_batch_size)]
     mask = causal_attention_mask(SEQ)
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    ns = argparse.Namespace(seq_length=SEQ, micro_batch_size=args.micro_batch_size, score_topk=10)
 
     def training_forward():
         model.train()
@@ -73,7 +73,8 @@ def main():
 
     def scoring():
         model.eval()
-        _score_chunk(model, windows, 0, n, ns, arch, tp_group)
+        _score_chunk(model, windows, 0, n, seq_length=SEQ, micro_batch_size=args.micro_batch_size, topk=10,
+                     vocab_size=arch.vocab_size, tp_group=tp_group)
 
     times = {"training_forward": 0.0, "scoring": 0.0}
     training_forward(), scoring()  # warm-up

@@ -42,7 +42,7 @@ def main():
 
     from salt_megatron.data.corpora import prepare_sotu
     from salt_megatron.model import GPTArchitecture, pad_vocab_size
-    from salt_megatron.training.pretrain import main_returning
+    from salt_megatron.training.loop import main_returning
 
     work = args.workdir or tempfile.mkdtemp(prefix="salt_step_overhead_")
     prefix = prepare_sotu(work, VOCAB)

@@ -5,6 +5,10 @@
 
 #include "salt_kl.h"
 
+#ifndef SALT_KL_CONTRACT_VERSION
+#error "SALT_KL_CONTRACT_VERSION is not defined: build with setup.py or salt_megatron.kd.build (flags in salt_megatron/kd/kernel_flags.py)"
+#endif
+
 namespace salt_kl_binding {
 
 inline int dtype_code(const at::Tensor& x, const char* name) {

@@ -3,7 +3,7 @@
 // One streaming pass per row: the row is read in chunks of kChunk columns (bf16/fp16 converted to fp32 into
 // L1-sized buffers).  For each chunk: its maxima of s and t, then its exp-sums and partial Σ p̃·(a_t - a_s)
 // relative to them (a = (x - max)/τ), merged into the row's running statistics with the online-softmax rescale
-// (the same formula kd_loss uses across TP shards), so a growing maximum costs one rescale per chunk, not per
+// (the same formula salt_megatron/kd/vocab_parallel.py uses across TP shards), so a growing maximum costs one rescale per chunk, not per
 // element.  The grad is one more pass that writes each element once.  OpenMP over rows,
 // `#pragma omp simd` inner loops with a branch-free exp so the compiler vectorises them.  On x86-64 with GCC the
 // row functions are compiled three times (x86-64-v4 = AVX-512, v3 = AVX2+FMA, baseline SSE2) and the best one
@@ -173,7 +173,7 @@ SALT_INLINE float shift_partial(float acc, float st, float shift_t, float shift_
   return (st == 0.0f || scale_t == 0.0f) ? 0.0f : scale_t * (acc + st * (shift_t - shift_s));
 }
 
-// Merge two pieces of a row (the same formula kd_loss uses across TP shards).
+// Merge two pieces of a row (the same formula salt_megatron/kd/vocab_parallel.py uses across TP shards).
 SALT_INLINE RowStats merge(const RowStats& a, const RowStats& b, float inv_t) {
   RowStats r;
   r.ms = a.ms > b.ms ? a.ms : b.ms;

@@ -3,7 +3,7 @@
 // No torch header here (nor in the kernels): the kernels take raw pointers, sizes, row strides and a dtype code;
 // the thin torch bindings (kl_div_cpu_binding.cpp, kl_div_cuda_binding.cpp) check tensors and pass them on.
 //
-// Contract (see salt_megatron/kd_loss.py, `local_row_stats` / `local_student_grad`):
+// Contract (salt_megatron/kd/protocol.py; the PyTorch reference is salt_megatron/kd/torch_kernels.py):
 //   row_stats:    for each of `rows` rows r (r = row_index[i] when row_index != NULL, else i), over the first
 //                 `width` columns of student row r and teacher row r, write stats[i*5 + 0..4] (fp32), relative to
 //                 the row maxima of the raw logits (τ > 0):
@@ -25,11 +25,10 @@
 extern "C" {
 #endif
 
-// Bumped whenever the contract or the bindings' signatures change; salt_megatron/fused.py refuses a compiled
-// extension of another version (a stale in-place build) and compiles the sources instead.
-#define SALT_KL_CONTRACT_VERSION 3
+// The contract's version, SALT_KL_CONTRACT_VERSION, is not defined here: the compiler gets it from the one home of
+// the build flags, salt_megatron/kd/kernel_flags.py (setup.py and the JIT build both pass it).
 
-// dtype codes (the same numbers on the Python side, salt_megatron/fused.py)
+// dtype codes (bindings map torch dtypes to them: binding_common.h)
 enum salt_kl_dtype { SALT_KL_FLOAT32 = 0, SALT_KL_BFLOAT16 = 1, SALT_KL_FLOAT16 = 2 };
 
 // ---- CPU (csrc/kl_div_cpu.cpp); return 0 on success, non-zero for a bad argument (unknown dtype) ----

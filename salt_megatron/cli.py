@@ -14,7 +14,7 @@ import sys
 
 COMMANDS = {
     "prepare": ("salt_megatron.data.prepare", "main"),
-    "pretrain": ("salt_megatron.training.pretrain", "main"),
+    "pretrain": ("salt_megatron.training.loop", "main"),
     "score": ("salt_megatron.scoring", "main"),
     "evaluate": ("salt_megatron.training.evaluate", "main"),
     "demo": ("salt_megatron.demo", "main"),

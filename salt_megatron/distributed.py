@@ -7,7 +7,16 @@ import os
 
 import torch
 
-from salt_megatron.compat import ensure_megatron_runs_here
+
+
+def data_parallel_size(world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> int:
+    """What is left of the world for data parallelism: ``world_size / (TP x PP)`` (at least 1)."""
+    return max(world_size // (tensor_model_parallel_size * pipeline_model_parallel_size), 1)
+
+
+def world_size_from_launcher() -> int:
+    """The world size the launcher (torchrun, srun wrappers, deepspeed) announces; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def initialize_distributed(
@@ -26,11 +35,10 @@ def initialize_distributed(
     srun wrappers and the deepspeed launcher set them) unless given.  A single process without any launcher runs
     as world size 1.  The data-parallel size is what remains: ``world_size / (TP * PP)``.
     """
-    ensure_megatron_runs_here()
     from megatron.core import parallel_state
 
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    world_size = world_size_from_launcher() if world_size is None else world_size
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
     if tensor_model_parallel_size < 1 or pipeline_model_parallel_size < 1:
         raise ValueError("tensor and pipeline model-parallel sizes must be >= 1")

@@ -1,16 +1,85 @@
-"""Whole-file writes that readers see complete or not at all (a crash mid-write leaves a stray ``.tmp-PID``
-file beside the target, never a truncated target): checkpoint metadata, corpus exports, experiment results."""
+"""Every file salt_megatron writes goes through here: readers see it whole or not at all.
+
+A file is written under a temporary name beside its target (same folder, same extension, so ``np.save``,
+matplotlib and Megatron's dataset builder keep the name they are given), flushed to disk, then renamed over the
+target.  A crash mid-write leaves at most a stray ``NAME.tmp-PID.EXT`` file, never a truncated target.  Several
+files that belong together (a dataset's ``.bin`` and ``.idx``, a sidecar's arrays and header) are renamed in the
+order they are named, so the last one (the header, the ``.idx``) marks the set as complete.
+
+(Checkpoints are directories: ``salt_megatron.checkpointing`` writes one under a temporary name on every rank and
+renames the whole directory; the files inside it need no renames of their own.)
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 
 
-def write_text_atomically(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
+def temporary_path(path: str) -> str:
+    """Where ``path`` is written before it is renamed into place: same folder and extension, a per-process tag."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.tmp-{os.getpid()}{ext}"
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def _fsync_directory(path: str) -> None:
+    """Make a rename durable (POSIX: the directory entry is data of the directory)."""
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_files(*paths: str):
+    """Write several files as one: yields their temporary paths (a list, in the order given).
+
+    When the block finishes, every temporary file is flushed to disk and renamed over its target in the given
+    order; if the block raises, the temporaries are removed and no target is touched.
+    """
+    if not paths:
+        raise ValueError("atomic_files needs at least one path")
+    tmps = [temporary_path(p) for p in paths]
+    for p in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+    try:
+        yield tmps
+        for tmp in tmps:
+            if not os.path.isfile(tmp):
+                raise FileNotFoundError(f"{tmp} was not written (the block must write every file it was given)")
+            _fsync_file(tmp)
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+        for folder in {os.path.dirname(os.path.abspath(p)) for p in paths}:
+            _fsync_directory(folder)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def write_bytes_atomically(path: str, data: bytes) -> None:
+    with atomic_files(path) as (tmp,):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` whole or not at all."""
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_json_atomically(path: str, obj, **dumps_kwargs) -> None:
+    write_text_atomically(path, json.dumps(obj, **dumps_kwargs))

@@ -12,7 +12,6 @@ import importlib.util
 
 import torch
 
-from salt_megatron.compat import ensure_megatron_runs_here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +86,6 @@ def build_gpt_model(
     ``whole_model=True`` builds every layer on this rank whatever the pipeline size (the teacher lives whole on the
     last stage); pass ``pg_collection=whole_model_process_groups()`` with it when PP > 1.
     """
-    ensure_megatron_runs_here()
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from salt_megatron.kd.checks import check_kd_weight
+
 TRANSITIONS = ("step", "linear", "cosine")
 
 
@@ -25,8 +27,7 @@ class SaltSchedule:
     decay_steps: int | None = None  # length of the linear/cosine ramp; default: the whole KD phase
 
     def __post_init__(self):
-        if not 0.0 <= self.kd_weight <= 1.0:
-            raise ValueError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
+        check_kd_weight(self.kd_weight)
         if self.kd_steps < 0:
             raise ValueError(f"kd_steps must be >= 0, got {self.kd_steps}")
         if self.transition not in TRANSITIONS:

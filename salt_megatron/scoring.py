@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from salt_megatron.data import scores as S
+from salt_megatron.data.windows import UnshuffledWindows
+from salt_megatron.files import atomic_files, write_json_atomically
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-token numbers from vocab-parallel logits
@@ -73,45 +75,6 @@ def token_loss_and_topk(logits: torch.Tensor, labels: torch.Tensor, *, k: int, v
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Windows of the GPTDataset, with the document of every target token
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class ScoredWindows:
-    """The windows of a one-epoch GPTDataset in unshuffled order, with per-token document ids."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-        dataset._query_document_sample_shuffle_indices(0)  # loads its index arrays (lazily memory-mapped)
-        self.sample_index = np.asarray(dataset.sample_index)
-        self.document_index = np.asarray(dataset.document_index)
-        self.shuffle_to_window = np.asarray(dataset.shuffle_index)
-        self.window_to_item = np.empty_like(self.shuffle_to_window)
-        self.window_to_item[self.shuffle_to_window] = np.arange(len(self.shuffle_to_window))
-        self.doc_lengths = np.asarray(dataset.dataset.sequence_lengths)
-
-    def __len__(self) -> int:
-        return len(self.shuffle_to_window)
-
-    def item(self, window: int) -> dict:
-        return self.dataset[int(self.window_to_item[window])]
-
-    def target_documents(self, window: int, seq_length: int) -> np.ndarray:
-        """Document id of each target token (positions 1..seq_length of the window's seq_length+1 tokens)."""
-        (beg, off_beg), (end, off_end) = self.sample_index[window], self.sample_index[window + 1]
-        ids = []
-        for i in range(beg, end + 1):
-            doc = int(self.document_index[i])
-            first = int(off_beg) if i == beg else 0
-            last = int(off_end) + 1 if i == end else int(self.doc_lengths[doc])
-            ids.append(np.full(max(last - first, 0), doc, dtype=np.int64))
-        ids = np.concatenate(ids)[: seq_length + 1]
-        if ids.size < seq_length + 1:  # padded tail (loss-masked)
-            ids = np.concatenate([ids, np.full(seq_length + 1 - ids.size, -1, dtype=np.int64)])
-        return ids[1:]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The scoring run
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -138,28 +101,28 @@ def _chunk_path(partial_dir: str, chunk: int) -> str:
     return os.path.join(partial_dir, f"chunk_{chunk:07d}.npz")
 
 
-def _score_chunk(model, windows: ScoredWindows, lo: int, hi: int, args, arch, tp_group) -> dict:
+def _score_chunk(model, windows: UnshuffledWindows, lo: int, hi: int, *, seq_length: int, micro_batch_size: int,
+                 topk: int, vocab_size: int, tp_group) -> dict:
     """Scores of windows [lo, hi) and the per-document pieces their tokens contribute."""
     from salt_megatron.data.gpt_data import collate
+    from salt_megatron.distributed import compute_device, to_device
     from salt_megatron.model import causal_attention_mask
 
     window_scores = np.zeros((hi - lo, 3), dtype=np.float32)
     doc_ids, doc_loss, doc_topk = [], [], []
-    from salt_megatron.distributed import compute_device, to_device
-
-    mask = causal_attention_mask(args.seq_length, device=compute_device())
-    for start in range(lo, hi, args.micro_batch_size):
-        ids = list(range(start, min(hi, start + args.micro_batch_size)))
+    mask = causal_attention_mask(seq_length, device=compute_device())
+    for start in range(lo, hi, micro_batch_size):
+        ids = list(range(start, min(hi, start + micro_batch_size)))
         batch = to_device(collate([windows.item(w) for w in ids]))
         with torch.inference_mode():
             logits = model(batch["tokens"], batch["position_ids"], mask)
-            loss, in_topk = token_loss_and_topk(logits, batch["labels"], k=args.score_topk,
-                                                vocab_size=arch.vocab_size, tp_group=tp_group)
+            loss, in_topk = token_loss_and_topk(logits, batch["labels"], k=topk, vocab_size=vocab_size,
+                                                tp_group=tp_group)
         loss, in_topk = loss.double().cpu().numpy(), in_topk.cpu().numpy()
         keep = batch["loss_mask"].cpu().numpy() > 0
         window_scores[ids[0] - lo:ids[-1] - lo + 1] = S.score_rows(loss, in_topk, keep)
         for row, w in enumerate(ids):
-            docs = windows.target_documents(w, args.seq_length)
+            docs = windows.target_documents(w, seq_length)
             k = keep[row] & (docs >= 0)
             doc_ids.append(docs[k])
             doc_loss.append(loss[row][k].astype(np.float32))
@@ -198,15 +161,15 @@ def score(args) -> dict | None:
     from salt_megatron.data.tokenizer import load_tokenizer
     from salt_megatron.distributed import initialize_distributed
     from salt_megatron.model import GPTArchitecture, build_gpt_model
+    from salt_megatron import checkpointing
     from salt_megatron.teacher import check_teacher_checkpoint
-    from salt_megatron.training import checkpointing
 
     if args.pipeline_model_parallel_size != 1:
         raise SystemExit("salt-megatron score: the SLM is scored without pipeline parallelism "
                          "(--pipeline-model-parallel-size 1); use TP and data parallelism")
     meta = checkpointing.read_meta(args.load)
     arch = GPTArchitecture.from_dict(meta["arch"])
-    args.seq_length = args.seq_length or arch.seq_length
+    seq_length = args.seq_length or arch.seq_length
     train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path, args.valid_data_path)
     prefix = valid_prefix if args.split == "valid" else train_prefix
     if prefix is None:
@@ -221,16 +184,16 @@ def score(args) -> dict | None:
     rank = torch.distributed.get_rank()
     torch.manual_seed(args.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-    dataset, _ = build_gpt_datasets(prefix, None, tokenizer, seq_length=args.seq_length, seed=args.seed,
+    dataset, _ = build_gpt_datasets(prefix, None, tokenizer, seq_length=seq_length, seed=args.seed,
                                     train_samples=None, valid_samples=None, cache_dir=args.data_cache_path)
-    windows = ScoredWindows(dataset)
+    windows = UnshuffledWindows(dataset)
     model = build_gpt_model(arch, params_dtype=torch.float32, whole_model=True)
     checkpointing.load_model_weights(meta["path"], model)
     model.eval()
     tp_group = parallel_state.get_tensor_model_parallel_group()
 
     paths = S.sidecar_paths(prefix)
-    config = {"idx_sha256": S.file_sha256(prefix + ".idx"), "seq_length": args.seq_length, "seed": args.seed,
+    config = {"idx_sha256": S.file_sha256(prefix + ".idx"), "seq_length": seq_length, "seed": args.seed,
               "topk": args.score_topk, "chunk_windows": args.score_chunk_windows,
               "micro_batch_size": args.micro_batch_size, "slm_checkpoint": meta["path"], "slm_step": meta["step"],
               "slm_fingerprint": meta["fingerprint"], "tokenizer_hash": tokenizer.hash, "dataset": prefix}
@@ -238,10 +201,7 @@ def score(args) -> dict | None:
     if rank == 0:
         if os.path.isfile(config_file) and json.load(open(config_file)) != config:
             shutil.rmtree(paths["partial"])  # an interrupted run with other settings: its chunks do not fit
-        os.makedirs(paths["partial"], exist_ok=True)
-        with open(config_file + ".tmp", "w") as f:
-            json.dump(config, f, sort_keys=True)
-        os.replace(config_file + ".tmp", config_file)
+        write_json_atomically(config_file, config, sort_keys=True)
     torch.distributed.barrier()
 
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -254,19 +214,18 @@ def score(args) -> dict | None:
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=len(mine) * args.score_chunk_windows * args.seq_length * dp_size, unit="tok",
+        progress = tqdm(total=len(mine) * args.score_chunk_windows * seq_length * dp_size, unit="tok",
                         unit_scale=True, desc=f"scoring {os.path.basename(prefix)} ({num_chunks - len(mine) * dp_size}"
                         f"/{num_chunks} chunks already done)", dynamic_ncols=True)
     for c in mine:
         lo, hi = c * args.score_chunk_windows, min(n, (c + 1) * args.score_chunk_windows)
-        result = _score_chunk(model, windows, lo, hi, args, arch, tp_group)
+        result = _score_chunk(model, windows, lo, hi, seq_length=seq_length, micro_batch_size=args.micro_batch_size,
+                              topk=args.score_topk, vocab_size=arch.vocab_size, tp_group=tp_group)
         if writer:
-            path = _chunk_path(paths["partial"], c)
-            with open(path + ".tmp", "wb") as f:
-                np.savez(f, **result)
-            os.replace(path + ".tmp", path)
+            with atomic_files(_chunk_path(paths["partial"], c)) as (tmp,):
+                np.savez(tmp, **result)
         if progress is not None:
-            progress.update((hi - lo) * args.seq_length * dp_size)
+            progress.update((hi - lo) * seq_length * dp_size)
     if progress is not None:
         progress.close()
     torch.distributed.barrier()
@@ -281,7 +240,7 @@ def score(args) -> dict | None:
         documents = _document_scores(chunks, len(windows.doc_lengths))
         header = S.write_sidecar(prefix, samples, documents, {k: v for k, v in config.items() if k != "dataset"})
         shutil.rmtree(paths["partial"])
-        print(f"scored {n} windows of {args.seq_length} tokens and {documents.shape[0]} documents of {prefix} with "
+        print(f"scored {n} windows of {seq_length} tokens and {documents.shape[0]} documents of {prefix} with "
               f"{meta['path']} (top-{args.score_topk}); sidecar {paths['header']}")
     torch.distributed.barrier()
     return header

@@ -18,7 +18,7 @@ import torch
 
 from salt_megatron import fingerprint
 from salt_megatron.model import GPTArchitecture, build_gpt_model, causal_attention_mask
-from salt_megatron.training.checkpointing import CheckpointError, load_model_weights, read_meta
+from salt_megatron.checkpointing import CheckpointError, load_model_weights, read_meta
 
 
 class TeacherRefused(SystemExit):

@@ -15,7 +15,7 @@ TEACHER = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", 
 
 
 def _pretrain_worker(rank, world_size, argv_list):
-    from salt_megatron.training.pretrain import main_returning
+    from salt_megatron.training.loop import main_returning
 
     return [main_returning(argv) for argv in argv_list]
 

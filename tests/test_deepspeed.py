@@ -38,7 +38,7 @@ def test_zero_stages_train_with_salt_and_resume_exactly(corpus, teacher_dir, tmp
 
 
 def test_json_and_flags_must_agree(corpus, tmp_path):
-    from salt_megatron.training.pretrain import main
+    from salt_megatron.training.loop import main
 
     argv = ["--data-path", corpus, *STUDENT, "--train-iters", "2", "--deepspeed", "--deepspeed-config"]
     with pytest.raises(SystemExit, match="train_micro_batch_size_per_gpu = 4 contradicts --micro-batch-size"):

@@ -1,4 +1,6 @@
-"""vocab_parallel_kl_div and salt_loss against a float64 reference on the gathered vocabulary."""
+"""vocab_parallel_kl_div and salt_loss (PyTorch kernels, one shard) against the float64 reference: values,
+gradients, padding, masks, extreme rows, argument checks.  Other devices, the fused kernels and tensor parallelism
+have their own files (test_kd_kernels.py, test_kd_tensor_parallel.py)."""
 
 from __future__ import annotations
 
@@ -7,32 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from salt_megatron import salt_loss, vocab_parallel_kl_div
-from tests.dist_utils import run_workers
-
-
-def reference_kl(student, teacher, temperature=1.0, vocab_size=None):
-    """KL(softmax(t/τ) ‖ softmax(s/τ)) in float64 on the full (gathered) vocabulary, padding columns dropped."""
-    s = student.double()[..., :vocab_size] / temperature
-    t = teacher.double()[..., :vocab_size] / temperature
-    log_p = F.log_softmax(t, -1)
-    log_q = F.log_softmax(s, -1)
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
-
-
-def reference_grad(student, teacher, temperature=1.0, vocab_size=None, grad_out=None):
-    s = student.double().detach().requires_grad_(True)
-    kl = reference_kl(s, teacher, temperature, vocab_size)
-    kl.backward(torch.ones_like(kl) if grad_out is None else grad_out.double())
-    return s.grad
-
-
-def make_logits(shape, seed, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
-
-
-TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-5), torch.float16: (2e-5, 2e-5)}
+from salt_megatron.kd.reference import reference_grad, reference_kl
+from tests.kd_cases import check_one_pass_equals_separate, make_logits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -136,7 +114,7 @@ def test_empty_batch():
 
 
 def test_chunking_does_not_change_results(monkeypatch):
-    import salt_megatron.kd_loss as kd
+    import salt_megatron.kd.torch_kernels as kd
 
     s, t = make_logits((37, 300), 0).float(), make_logits((37, 300), 1).float()
     whole = vocab_parallel_kl_div(s, t, impl="torch")
@@ -207,89 +185,15 @@ def test_salt_loss_needs_teacher_when_kd_weight_positive():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tensor parallel: TP = 2 and 4 in CPU processes
+# CE and KD from one pass (τ = 1, one unpadded shard)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tp_worker(rank, world_size, student, teacher, vocab_size, tau, dtype, mask):
-    torch.distributed.init_process_group("gloo")
-    group = torch.distributed.group.WORLD
-    w = student.shape[-1] // world_size
-    cols = slice(rank * w, (rank + 1) * w)
-    x = student[..., cols].to(dtype).clone().requires_grad_(True)
-    calls = []
-    real_all_reduce = torch.distributed.all_reduce
-
-    def counting_all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
-        calls.append((str(op), tuple(tensor.shape)))
-        return real_all_reduce(tensor, op=op, group=group, async_op=async_op)
-
-    torch.distributed.all_reduce = counting_all_reduce
-    try:
-        kl = vocab_parallel_kl_div(x, teacher[..., cols].to(dtype), temperature=tau, vocab_size=vocab_size,
-                                   tp_group=group, loss_mask=mask, impl="torch")
-        kl.backward(torch.ones_like(kl))
-    finally:
-        torch.distributed.all_reduce = real_all_reduce
-    return kl.detach(), x.grad.double(), calls
-
-
-@pytest.mark.parametrize("tp", [2, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tensor_parallel_matches_gathered_reference(tp, dtype):
-    shape, vocab_size, tau = (3, 4, 24), 21, 1.5  # padding lands on the last rank(s)
-    student, teacher = make_logits(shape, 0), make_logits(shape, 1)
-    student[0, 0] = 1e4
-    teacher[1, 2, :3] = float("-inf")
-    mask = torch.ones(shape[:-1], dtype=torch.bool)
-    mask[2, 1] = False
-    results = run_workers(_tp_worker, tp, student, teacher, vocab_size, tau, dtype, mask)
-    rounded_s, rounded_t = student.to(dtype), teacher.to(dtype)
-    ref = reference_kl(rounded_s, rounded_t, tau, vocab_size) * mask
-    ref_grad = reference_grad(rounded_s, rounded_t, tau, vocab_size, grad_out=mask.double()) 
-    w = shape[-1] // tp
-    for rank, (kl, grad, calls) in enumerate(results):
-        torch.testing.assert_close(kl, results[0][0], rtol=0, atol=0)  # identical on every rank
-        torch.testing.assert_close(kl.double(), ref, rtol=1e-5, atol=1e-5)
-        tol = 1e-6 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(grad, ref_grad[..., rank * w:(rank + 1) * w], rtol=tol, atol=tol)
-        assert [op for op, _ in calls] == [str(torch.distributed.ReduceOp.MAX), str(torch.distributed.ReduceOp.SUM)]
-
-
-def check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, omega, impl):
-    """salt_loss at τ = 1 with CE taken from the KD pass (_FUSE_CE_WITH_KD) against CE and KD computed apart: the
-    same loss, CE, KD and gradient, and no gradient where the mask is 0.  Returns the one-pass loss and gradient
-    (on the CPU, the gradient in float64), the gradient tolerance, and the kernels the one-pass path ran on."""
-    import salt_megatron.kd_loss as kd
-
-    results, used = [], []
-    for fuse in (True, False):
-        monkeypatch.setattr(kd, "_FUSE_CE_WITH_KD", fuse)
-        calls = []
-        monkeypatch.setattr(kd._KLAndCrossEntropy, "apply", lambda *a, _f=kd._KLAndCrossEntropy.apply: (
-            calls.append(a[-1]), _f(*a))[1])
-        x = student.clone().requires_grad_(True)
-        out = salt_loss(x, labels, teacher, kd_weight=omega, temperature=1.0, loss_mask=mask, impl=impl)
-        out.loss.backward()
-        assert bool(calls) == fuse
-        assert torch.isfinite(x.grad).all()
-        used += calls
-        results.append((out.loss.detach().cpu(), out.ce.cpu(), out.kd.cpu(), x.grad.double().cpu()))
-    (l1, c1, k1, g1), (l0, c0, k0, g0) = results
-    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
-    tol = 1e-6 if student.dtype == torch.float32 else 1e-2 * g0.abs().max().item()
-    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=tol)
-    assert torch.all(g1[mask.cpu() == 0] == 0)
-    return l1, g1, tol, used
-
-
-@pytest.mark.parametrize("impl", ["torch", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("omega", [0.3, 1.0])
-def test_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, impl, dtype, omega):
-    """At τ = 1 on one unpadded shard, salt_loss takes CE from the KD pass; it must equal CE + KD computed apart."""
+def test_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, dtype, omega):
+    """At τ = 1 on one unpadded shard, salt_loss takes CE from the KD pass; it must equal CE + KD computed apart.
+    (The fused kernels' one pass, on every device: test_kd_kernels.py.)"""
     b, s_len, v = 3, 7, 300
     student = make_logits((b, s_len, v), 0).to(dtype)
     teacher = make_logits((b, s_len, v), 1).to(dtype)
@@ -297,11 +201,11 @@ def test_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, imp
     labels = torch.randint(0, v, (b, s_len), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(b, s_len)
     mask[2, 4:] = 0
-    check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, omega, impl)
+    check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, omega, "torch")
 
 
 def test_salt_loss_keeps_ce_separate_when_it_cannot_share_the_pass(monkeypatch):
-    import salt_megatron.kd_loss as kd
+    import salt_megatron.kd.loss as kd
 
     def fail(*a):
         raise AssertionError("fused CE+KD used where it must not be")

@@ -66,7 +66,7 @@ def test_resume_is_exact_across_the_kd_switch(corpus, teacher_dir, tmp_path):
 
 
 def test_sigkill_mid_save_leaves_previous_checkpoint_loadable(corpus, tmp_path):
-    from salt_megatron.training import checkpointing
+    from salt_megatron import checkpointing
 
     save = tmp_path / "run"
     cmd = [sys.executable, "-m", "salt_megatron.cli", "pretrain", "--data-path", corpus, *TEACHER,
@@ -102,7 +102,7 @@ def test_sigkill_mid_save_leaves_previous_checkpoint_loadable(corpus, tmp_path):
 
 
 def _refusal(argv) -> str:
-    from salt_megatron.training.pretrain import main
+    from salt_megatron.training.loop import main
 
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -165,7 +165,7 @@ def test_refuses_untrained_teacher(corpus, teacher_dir, tmp_path):
 
 
 def _refusal_worker(rank, world_size, argv):
-    from salt_megatron.training.pretrain import main
+    from salt_megatron.training.loop import main
 
     try:
         main(argv)

@@ -105,8 +105,8 @@ def _recompute_worker(rank, world_size, prefix, teacher_dir, seq_length, seed):
     from salt_megatron.data.tokenizer import load_tokenizer
     from salt_megatron.distributed import initialize_distributed
     from salt_megatron.model import GPTArchitecture, build_gpt_model, causal_attention_mask
-    from salt_megatron.scoring import ScoredWindows
-    from salt_megatron.training import checkpointing
+    from salt_megatron.data.windows import UnshuffledWindows
+    from salt_megatron import checkpointing
 
     from megatron.core import tensor_parallel
 
@@ -116,7 +116,7 @@ def _recompute_worker(rank, world_size, prefix, teacher_dir, seq_length, seed):
     arch = GPTArchitecture.from_dict(meta["arch"])
     ds, _ = build_gpt_datasets(prefix + "_train", None, load_tokenizer(meta["tokenizer_model"]),
                                seq_length=seq_length, seed=seed, train_samples=None, valid_samples=None)
-    windows = ScoredWindows(ds)
+    windows = UnshuffledWindows(ds)
     model = build_gpt_model(arch)
     checkpointing.load_model_weights(meta["path"], model)
     model.eval()
@@ -218,13 +218,13 @@ def _expected_checksums(prefix, header, gbs, kd_steps, total, fraction):
     from salt_megatron.data.scores import load_sidecar
     from salt_megatron.data.selection import SelectedWindows
     from salt_megatron.data.tokenizer import load_tokenizer
-    from salt_megatron.scoring import ScoredWindows
+    from salt_megatron.data.windows import UnshuffledWindows
 
     tok = load_tokenizer(prefix + ".model")
     hdr, samples, _ = load_sidecar(prefix + "_train", seq_length=32)
     scored_ds, _ = build_gpt_datasets(prefix + "_train", None, tok, seq_length=32, seed=hdr["seed"],
                                       train_samples=None, valid_samples=None)
-    sel = SelectedWindows(ScoredWindows(scored_ds), hdr, samples, score="salt", mode="top", fraction=fraction,
+    sel = SelectedWindows(UnshuffledWindows(scored_ds), hdr, samples, score="salt", mode="top", fraction=fraction,
                           skip_fraction=0.0, seed=1234)
     train_ds, _ = build_gpt_datasets(prefix + "_train", None, tok, seq_length=32, seed=1234,
                                      train_samples=total * gbs, valid_samples=None)
@@ -254,7 +254,7 @@ def test_kd_phase_draws_only_selected_windows_and_resume_is_exact(scored, teache
 
 
 def test_selection_refuses_a_sidecar_of_another_seq_length(scored, teacher_dir):
-    from salt_megatron.training.pretrain import main
+    from salt_megatron.training.loop import main
 
     prefix, _ = scored
     argv = ["--data-path", prefix, *STUDENT, "--train-iters", "4", "--teacher-load", teacher_dir, "--kd-steps", "2",

@@ -1,13 +1,16 @@
 """megatron-core on a CPU-only torch: every patch in one place, applied only when CUDA is absent.
 
-megatron-core (0.16-0.19) is written for CUDA.  On a CPU-only torch it fails in a handful of places (see
-shared/notes/megatron-core-on-cpu.md).  Instead of editing megatron-core, we hand each of its modules a view of
+megatron-core (0.16-0.19) is written for CUDA.  On a CPU-only torch it fails in a handful of places (README,
+"megatron-core on a CPU", lists them).  Instead of editing megatron-core, we hand each of its modules a view of
 ``torch`` whose CUDA-only corners point at the CPU: factories called with ``device="cuda"`` make CPU tensors,
 ``torch.cuda.current_device()`` is the CPU, streams and synchronisation are no-ops, and the CUDA RNG is the CPU
 generator.  The view is installed as the module-level name ``torch`` inside ``megatron.core.*`` modules only, so
 user code and torch itself are untouched.
 
-Call :func:`ensure_megatron_runs_here` before building megatron-core objects.  With CUDA present it does nothing.
+``import salt_megatron`` applies it once (the package's entry point; every command and module of the package comes
+through it).  With CUDA present it does nothing.  Every patch of a name inside megatron-core first checks that the
+name exists: a megatron-core release that renamed one fails at once with one line naming the installed version,
+never with a confusing error deep in a training step.
 """
 
 from __future__ import annotations
@@ -23,6 +26,32 @@ import warnings
 import torch
 
 _APPLIED = False
+SUPPORTED_MEGATRON_CORE = "0.16-0.19"
+
+
+class MegatronCoreIncompatible(RuntimeError):
+    """The installed megatron-core lacks a name the CPU patches replace."""
+
+
+def _megatron_core_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("megatron-core")
+    except Exception:  # noqa: BLE001 - a source checkout without metadata
+        return "of unknown version"
+
+
+def _require(owner, name: str):
+    """``owner.name``, which a patch is about to replace; one clear error if this megatron-core has no such name."""
+    if not hasattr(owner, name):
+        where = getattr(owner, "__module__", None) if isinstance(owner, type) else None
+        qualified = f"{where + '.' if where else ''}{getattr(owner, '__qualname__', getattr(owner, '__name__', owner))}"
+        raise MegatronCoreIncompatible(
+            f"salt_megatron cannot run megatron-core {_megatron_core_version()} on a CPU: it has no "
+            f"{qualified}.{name}, which the CPU patches replace (supported: megatron-core {SUPPORTED_MEGATRON_CORE})"
+        )
+    return getattr(owner, name)
 
 # megatron-core modules the SALT stack uses; they are imported and patched eagerly.  Modules imported later are
 # patched by the import hook below.
@@ -178,6 +207,9 @@ def _patch_rng_helpers():
     """The RNG tracker reads and writes CUDA generator states through two helpers; point them at the CPU one."""
     from megatron.core.tensor_parallel import random as mrandom
 
+    _require(mrandom, "_get_cuda_rng_state")
+    _require(mrandom, "_set_cuda_rng_state")
+
     def get_state(device="cuda", clone=False, graph_safe=False):
         return torch.get_rng_state()
 
@@ -191,6 +223,8 @@ def _patch_rng_helpers():
 def _patch_clip_grads():
     """``clip_grad_by_total_norm_fp32`` asserts CUDA grads and uses apex's multi-tensor scale: use torch's."""
     from megatron.core.optimizer import clip_grads
+
+    _require(clip_grads, "clip_grad_by_total_norm_fp32")
 
     def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
         if isinstance(parameters, torch.Tensor):
@@ -220,7 +254,7 @@ def _tensor_cuda_is_identity():
 
 def _run_with_identity_tensor_cuda(cls, name):
     """Within ``cls.name`` only, ``tensor.cuda()`` returns the tensor itself."""
-    method = getattr(cls, name)
+    method = _require(cls, name)
     if getattr(method, "_salt_cpu_patched", False):
         return
 

@@ -18,13 +18,13 @@ import argparse
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
 
-from salt_megatron.data.tokenizer import iter_documents, load_tokenizer, tokenizer_hash, train_sentencepiece
+from salt_megatron.data.tokenizer import iter_documents, load_tokenizer, sentencepiece_model_bytes, tokenizer_hash
+from salt_megatron.files import atomic_files
 
 _CHUNK_DOCS = 32  # documents per pool task: big enough to amortise IPC, small enough for a smooth progress bar
 
@@ -149,30 +149,33 @@ def prepare(
     valid_requested = bool(valid_inputs) or bool(valid_docs)
 
     workers = workers or min(4, os.cpu_count() or 1)
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    tmp = f".tmp{os.getpid()}"
-    model_path = output_prefix + ".model"
-    tmp_files = [model_path + tmp]
-    try:
-        # Tokenizer, under a temporary name until everything else is written.
+    splits = _split_names(valid_requested)
+    model_path, summary_path = output_prefix + ".model", output_prefix + ".json"
+    # every output under a temporary name until all are written; then renamed in this order (each split's .idx
+    # after its .bin: its presence marks a dataset as there; the summary last)
+    outputs = [model_path, *(f"{output_prefix}_{split}{ext}" for split in splits for ext in (".bin", ".idx")),
+               summary_path]
+    with atomic_files(*outputs) as tmp_paths:
+        tmp = dict(zip(outputs, tmp_paths))
         if tokenizer_model is None:
-            train_sentencepiece(inputs, output_prefix + tmp, vocab_size, json_key=json_key)
-            os.replace(output_prefix + tmp + ".model", model_path + tmp)
+            model_bytes = sentencepiece_model_bytes(inputs, vocab_size, json_key=json_key)
         else:
-            shutil.copyfile(tokenizer_model, model_path + tmp)
-        tokenizer = load_tokenizer(model_path + tmp)
+            with open(tokenizer_model, "rb") as f:
+                model_bytes = f.read()
+        with open(tmp[model_path], "wb") as f:
+            f.write(model_bytes)
+        tokenizer = load_tokenizer(tmp[model_path])
         dtype = DType.optimal_dtype(tokenizer.vocab_size)
 
         builders, stats = {}, {}
-        for split in _split_names(valid_requested):
-            tmp_files += [f"{output_prefix}_{split}{tmp}.bin", f"{output_prefix}_{split}{tmp}.idx"]
-            builders[split] = IndexedDatasetBuilder(f"{output_prefix}_{split}{tmp}.bin", dtype=dtype)
+        for split in splits:
+            builders[split] = IndexedDatasetBuilder(tmp[f"{output_prefix}_{split}.bin"], dtype=dtype)
             stats[split] = {"documents": 0, "tokens": 0}
 
         total_docs = n_inputs + sum(valid_counts)
         bar = tqdm(total=total_docs, unit="doc", file=sys.stderr, disable=not progress, desc="tokenising")
         start, n_tokens = time.time(), 0
-        encoded = _encoded_documents(model_path + tmp, inputs + valid_inputs, json_key, split_lines, append_eod,
+        encoded = _encoded_documents(tmp[model_path], inputs + valid_inputs, json_key, split_lines, append_eod,
                                      workers)
         for i, ids in enumerate(encoded):
             split = "valid" if i >= n_inputs or i in valid_docs else "train"
@@ -185,13 +188,11 @@ def prepare(
                             refresh=False)
         bar.close()
         for split, builder in builders.items():
-            builder.finalize(f"{output_prefix}_{split}{tmp}.idx")
+            builder.finalize(tmp[f"{output_prefix}_{split}.idx"])
 
-        # Everything is complete: move into place (.idx last per split: its presence marks a dataset as there).
-        os.replace(model_path + tmp, model_path)
         result = {
             "tokenizer_model": model_path,
-            "tokenizer_hash": tokenizer_hash(model_path),
+            "tokenizer_hash": tokenizer_hash(tmp[model_path]),
             "vocab_size": tokenizer.vocab_size,
             "eod": tokenizer.eod,
             "dtype": np.dtype(dtype).name,
@@ -200,8 +201,6 @@ def prepare(
         }
         for split in builders:
             prefix = f"{output_prefix}_{split}"
-            os.replace(f"{prefix}{tmp}.bin", prefix + ".bin")
-            os.replace(f"{prefix}{tmp}.idx", prefix + ".idx")
             result[split] = {"prefix": prefix, "bin": prefix + ".bin", "idx": prefix + ".idx", **stats[split]}
         summary = {
             **result,
@@ -213,15 +212,10 @@ def prepare(
             "append_eod": append_eod,
             "split_lines": split_lines,
         }
-        with open(output_prefix + ".json" + tmp, "w") as f:
+        with open(tmp[summary_path], "w") as f:
             json.dump(summary, f, indent=2)
-        os.replace(output_prefix + ".json" + tmp, output_prefix + ".json")
-        result["summary"] = output_prefix + ".json"
-        return result
-    finally:
-        for path in tmp_files + [output_prefix + ".json" + tmp, output_prefix + tmp + ".model"]:
-            if os.path.exists(path):
-                os.remove(path)
+    result["summary"] = summary_path
+    return result
 
 
 def main(argv=None) -> dict:

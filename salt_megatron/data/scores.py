@@ -29,6 +29,8 @@ import os
 
 import numpy as np
 
+from salt_megatron.files import atomic_files
+
 MAGIC = "SALT_MEGATRON_SCORES"
 VERSION = 1
 SCORE_NAMES = ("salt", "mean_loss", "topk_fraction")
@@ -77,19 +79,17 @@ def file_sha256(path: str) -> str:
 
 
 def write_sidecar(prefix: str, samples: np.ndarray, documents: np.ndarray, header: dict) -> dict:
-    """Write both arrays, then the header (atomically, last).  Returns the header."""
+    """Write both arrays, then the header (the three as one: the header is renamed into place last).  Returns the
+    header."""
     paths = sidecar_paths(prefix)
-    for key, array in (("samples", samples), ("documents", documents)):
-        tmp = paths[key] + ".tmp.npy"
-        np.save(tmp, np.ascontiguousarray(array, dtype=np.float32))
-        os.replace(tmp, paths[key])
-    header = dict(header, magic=MAGIC, version=VERSION, scores=list(SCORE_NAMES),
-                  num_windows=int(samples.shape[0]), num_documents=int(documents.shape[0]),
-                  samples_sha256=file_sha256(paths["samples"]), documents_sha256=file_sha256(paths["documents"]))
-    tmp = paths["header"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(header, f, indent=1, sort_keys=True)
-    os.replace(tmp, paths["header"])
+    with atomic_files(paths["samples"], paths["documents"], paths["header"]) as (samples_tmp, documents_tmp, head_tmp):
+        np.save(samples_tmp, np.ascontiguousarray(samples, dtype=np.float32))
+        np.save(documents_tmp, np.ascontiguousarray(documents, dtype=np.float32))
+        header = dict(header, magic=MAGIC, version=VERSION, scores=list(SCORE_NAMES),
+                      num_windows=int(samples.shape[0]), num_documents=int(documents.shape[0]),
+                      samples_sha256=file_sha256(samples_tmp), documents_sha256=file_sha256(documents_tmp))
+        with open(head_tmp, "w") as f:
+            json.dump(header, f, indent=1, sort_keys=True)
     return header
 
 

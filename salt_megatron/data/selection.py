@@ -1,7 +1,7 @@
 """SALT_DS: the KD phase draws its samples from the windows the SLM scored highest.
 
-``SelectedWindows`` wraps the one-epoch GPTDataset that was scored (same prefix, seq length and seed as the
-sidecar says) and serves only the selected windows:
+``SelectedWindows`` wraps the windows of the one-epoch GPTDataset that was scored (``UnshuffledWindows``: same
+prefix, seq length and seed as the sidecar says) and serves only the selected windows:
 
 * ``top``  – the highest-scoring fraction F of the windows;
 * ``band`` – skip the very top fraction (``skip_fraction``, likely noise: garbled text the SLM finds "hard") and
@@ -20,14 +20,15 @@ import os
 import numpy as np
 
 from salt_megatron.data import scores as S
+from salt_megatron.files import atomic_files
 
-MODES = ("none", "top", "band")
+MODES = ("none", "top", "band")  # "none": the KD phase reads the ordinary data
 
 
 def select_windows(window_scores: np.ndarray, *, mode: str, fraction: float, skip_fraction: float = 0.0) -> np.ndarray:
     """Indices of the selected windows (sorted by score, best first; ties by index)."""
-    if mode not in ("top", "band"):
-        raise ValueError(f"selection mode must be 'top' or 'band', got {mode!r}")
+    if mode not in MODES[1:]:
+        raise ValueError(f"selection mode must be one of {MODES[1:]}, got {mode!r}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"--kd-select-fraction must be in (0, 1], got {fraction}")
     if not 0.0 <= skip_fraction < 1.0 or (mode == "band" and skip_fraction + fraction > 1.0):
@@ -45,8 +46,8 @@ class SelectedWindows:
     def __init__(self, windows, header: dict, window_scores: np.ndarray, *, score: str, mode: str, fraction: float,
                  skip_fraction: float, seed: int, cache_dir: str | None = None):
         if score not in S.SCORE_NAMES:
-            raise ValueError(f"--kd-score must be one of {S.SCORE_NAMES}, got {score!r}")
-        self.windows = windows  # salt_megatron.scoring.ScoredWindows
+            raise ValueError(f"--kd-select-by must be one of {S.SCORE_NAMES}, got {score!r}")
+        self.windows = windows  # salt_megatron.data.windows.UnshuffledWindows
         self.seed = seed
         self.sidecar_hash = S.sidecar_hash(header)
         settings = f"{self.sidecar_hash}|{score}|{mode}|{fraction!r}|{skip_fraction!r}"
@@ -58,10 +59,8 @@ class SelectedWindows:
         else:
             self.selected = select_windows(column, mode=mode, fraction=fraction, skip_fraction=skip_fraction)
             if cache:
-                os.makedirs(cache_dir, exist_ok=True)
-                tmp = f"{cache}.tmp{os.getpid()}.npy"
-                np.save(tmp, self.selected)
-                os.replace(tmp, cache)
+                with atomic_files(cache) as (tmp,):
+                    np.save(tmp, self.selected)
         self.selected_scores = np.asarray(column)[self.selected]
         self._perm_epoch, self._perm = None, None
 

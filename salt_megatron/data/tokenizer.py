@@ -18,6 +18,8 @@ from collections import OrderedDict
 
 from megatron.core.tokenizers.text.models import GPTTokenizer
 
+from salt_megatron.files import write_bytes_atomically
+
 UNK_ID, BOS_ID, EOD_ID, PAD_ID = 0, 1, 2, 3
 JSON_EXTENSIONS = (".jsonl", ".json")
 
@@ -89,6 +91,21 @@ def train_sentencepiece(
     Raises ValueError (before writing anything) for missing/empty inputs or a vocabulary size the corpus cannot
     support.
     """
+    path = model_prefix + ".model"
+    write_bytes_atomically(path, sentencepiece_model_bytes(input_files, vocab_size, json_key=json_key,
+                                                           max_sentences=max_sentences, model_type=model_type))
+    return path
+
+
+def sentencepiece_model_bytes(
+    input_files: list[str],
+    vocab_size: int,
+    *,
+    json_key: str = "text",
+    max_sentences: int = 2_000_000,
+    model_type: str = "bpe",
+) -> bytes:
+    """The ``.model`` file's bytes of a SentencePiece model trained on ``input_files`` (see :func:`train_sentencepiece`)."""
     import sentencepiece as spm
 
     for path in input_files:
@@ -123,14 +140,7 @@ def train_sentencepiece(
             f"({err}); choose a vocab size that fits the corpus (at least 256 byte pieces + 4 specials + its "
             f"distinct characters)"
         ) from None
-
-    path = model_prefix + ".model"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)
-    return path
+    return model.getvalue()
 
 
 def tokenizer_hash(model_path: str) -> str:

@@ -11,6 +11,11 @@ import os
 
 import yaml
 
+from salt_megatron.data.scores import SCORE_NAMES
+from salt_megatron.data.selection import MODES as SELECTION_MODES
+from salt_megatron.distributed import data_parallel_size
+from salt_megatron.kd.checks import check_kd_weight, check_temperature
+from salt_megatron.kd.select import IMPLS as KD_IMPLS
 from salt_megatron.schedule import TRANSITIONS
 
 
@@ -109,15 +114,29 @@ def add_salt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kd-transition", choices=TRANSITIONS, default="step")
     g.add_argument("--kd-decay-steps", type=int, default=None, help="length of a linear/cosine ramp (default: n_KD)")
     g.add_argument("--kd-no-temperature-squared", action="store_true", help="do not scale KD by τ²")
-    g.add_argument("--kd-impl", choices=("auto", "torch", "fused"), default="auto", help="KD loss kernels")
+    g.add_argument("--kd-impl", choices=KD_IMPLS, default="auto", help="KD loss kernels")
     g = p.add_argument_group("SALT_DS (data selection for the KD phase, from `salt-megatron score`)")
-    g.add_argument("--kd-data-selection", choices=("none", "top", "band"), default="none",
+    g.add_argument("--kd-data-selection", choices=SELECTION_MODES, default="none",
                    help="top: the best-scored fraction; band: skip the very top, keep the next fraction")
     g.add_argument("--kd-select-fraction", type=float, default=0.2, help="share of the scored windows to keep")
     g.add_argument("--kd-select-skip-fraction", type=float, default=0.02, help="band: share of the top to skip")
-    g.add_argument("--kd-score", choices=("salt", "mean_loss", "topk_fraction"), default="salt")
-    g.add_argument("--kd-scores", default=None,
+    g.add_argument("--kd-select-by", choices=SCORE_NAMES, default="salt",
+                   help="which score of the sidecar ranks the windows (salt: the paper's)")
+    g.add_argument("--kd-scored-data-path", default=None, metavar="PREFIX",
                    help="prefix of the scored dataset (default: the training dataset); its sidecar is PREFIX.salt_scores.*")
+    for old, new in (("--kd-score", "--kd-select-by"), ("--kd-scores", "--kd-scored-data-path")):
+        g.add_argument(old, action=_Renamed, new_name=new, help=argparse.SUPPRESS)
+
+
+class _Renamed(argparse.Action):
+    """A flag that was renamed: one line naming the new spelling (the two old ones differed by one letter)."""
+
+    def __init__(self, option_strings, dest, new_name, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS, **kwargs)
+        self.new_name = new_name
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was renamed {self.new_name}")
 
 
 def build_pretrain_parser() -> argparse.ArgumentParser:
@@ -144,10 +163,14 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
             values = yaml.safe_load(f) or {}
         if not isinstance(values, dict):
             parser.error(f"--config {known.config}: expected a mapping of flag names to values")
-        dests = {a.dest for a in parser._actions}
+        dests = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
+        renamed = {a.option_strings[0].lstrip("-").replace("-", "_"): a.new_name
+                   for a in parser._actions if isinstance(a, _Renamed)}
         defaults = {}
         for key, value in values.items():
             dest = str(key).lstrip("-").replace("-", "_")
+            if dest in renamed:
+                parser.error(f"--config {known.config}: {key!r} was renamed {renamed[dest].lstrip('-')}")
             if dest not in dests:
                 parser.error(f"--config {known.config}: unknown setting {key!r}")
             defaults[dest] = value
@@ -192,7 +215,7 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
     """Fill derived defaults and refuse contradictions with one clear message, before anything is built."""
     errors = []
     if args.deepspeed:
-        from salt_megatron.training.deepspeed_engine import reconcile_config
+        from salt_megatron.training.deepspeed_config import reconcile_config
 
         errors += reconcile_config(args, world_size)
     elif args.deepspeed_config:
@@ -202,7 +225,7 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
     mp = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     if world_size % mp:
         errors.append(f"world size {world_size} is not divisible by TP x PP = {mp}")
-    dp = max(world_size // mp, 1)
+    dp = data_parallel_size(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     args.data_parallel_size = dp
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
@@ -236,10 +259,12 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
             errors.append(f"--kd-steps ({args.kd_steps}) exceeds --train-iters ({args.train_iters})")
         elif args.kd_steps < 0:
             errors.append("--kd-steps must be >= 0")
-        if not 0.0 <= args.kd_weight <= 1.0:
-            errors.append(f"--kd-weight must be in [0, 1], got {args.kd_weight}")
-        if not args.kd_temperature > 0:
-            errors.append(f"--kd-temperature must be > 0, got {args.kd_temperature}")
+        for check, value, flag in ((check_kd_weight, args.kd_weight, "--kd-weight"),
+                                   (check_temperature, args.kd_temperature, "--kd-temperature")):
+            try:
+                check(value, name=flag)
+            except ValueError as e:
+                errors.append(str(e))
         if args.kd_decay_steps is not None and args.kd_steps is not None and not (
             0 < args.kd_decay_steps <= max(args.kd_steps, 1)
         ):
@@ -261,3 +286,10 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
     if errors:
         raise SystemExit("salt-megatron pretrain: " + "; ".join(errors))
     return args
+
+
+def params_dtype(args):
+    """The student's (and the teacher's) weight dtype from --bf16 / --fp16."""
+    import torch
+
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32

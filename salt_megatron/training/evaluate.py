@@ -1,23 +1,112 @@
-"""``salt-megatron evaluate --load DIR --data-path PREFIX``: validation loss and perplexity of a checkpoint.
+"""Forward-only passes through megatron-core's pipeline schedule: validation loss, and the logits fingerprint.
 
-The model is rebuilt from the checkpoint's saved architecture (no model flags needed) at the TP/PP size given here
-(dist_checkpointing reshards), and run over the first ``--eval-iters`` global batches of the dataset's validation
-split (or of the dataset itself when it has no split).
+``salt-megatron evaluate --load DIR --data-path PREFIX`` (:func:`main`): validation loss and perplexity of a
+checkpoint.  The model is rebuilt from the checkpoint's saved architecture (no model flags needed) at the TP/PP size
+given here (dist_checkpointing reshards), and run over the first ``--eval-iters`` global batches of the dataset's
+validation split (or of the dataset itself when it has no split).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
+from functools import partial
 
 import torch
 
+from salt_megatron import fingerprint
+from salt_megatron.config import BatchConfig
+from salt_megatron.distributed import compute_device, data_parallel_size, to_device, world_size_from_launcher
+from salt_megatron.kd import salt_loss
+from salt_megatron.model import GPTArchitecture, causal_attention_mask
 from salt_megatron.training.arguments import add_data_args, add_parallel_args, parse_with_config
 
 
+def evaluate(model, dataset, batch: BatchConfig, eval_iters: int) -> dict | None:
+    """Mean next-token loss over ``eval_iters`` global batches of ``dataset`` from its start (the same samples every
+    time, so curves are comparable).  Returns {"val_loss", "val_ppl", "val_tokens"} on the last stage, else None."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from salt_megatron.data.gpt_data import micro_batches
+
+    def loss_func(data, logits):
+        ce = salt_loss(logits, data["labels"], kd_weight=0.0, loss_mask=data["loss_mask"],
+                       tp_group=parallel_state.get_tensor_model_parallel_group())
+        return ce.loss, {"ce_sum": (ce.ce * ce.num_tokens).item(), "tokens": ce.num_tokens.item()}
+
+    def forward_step(data_iterator, model_chunk):
+        data = to_device(next(data_iterator))
+        tokens = data["tokens"]
+        logits = model_chunk(tokens, data["position_ids"], causal_attention_mask(tokens.shape[1], device=tokens.device))
+        return logits, partial(loss_func, data)
+
+    forward_backward = get_forward_backward_func()
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=compute_device())
+    with torch.no_grad():
+        for i in range(eval_iters):
+            batches = micro_batches(
+                dataset, consumed_samples=i * batch.global_batch_size, micro_batch_size=batch.micro_batch_size,
+                global_batch_size=batch.global_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
+                dp_size=parallel_state.get_data_parallel_world_size(),
+            )
+            out = forward_backward(
+                forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+                num_microbatches=batch.num_microbatches, seq_length=batch.seq_length,
+                micro_batch_size=batch.micro_batch_size, forward_only=True,
+            )
+            for x in out or []:
+                total += torch.tensor([float(x["ce_sum"]), float(x["tokens"])], dtype=torch.float64, device=total.device)
+    if was_training:
+        model.train()
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    if parallel_state.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    loss = float(total[0] / total[1].clamp(min=1))
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total[1])}
+
+
+def model_fingerprint(model, arch: GPTArchitecture) -> list | None:
+    """The logits fingerprint (see ``salt_megatron.fingerprint``) through the pipeline; on the last stage, else None."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    probe = to_device(dict(zip(("tokens", "position_ids"), fingerprint.probe_batch(arch.vocab_size, arch.seq_length))))
+    tokens, position_ids = probe["tokens"], probe["position_ids"]
+    result = {}
+
+    def forward_step(data_iterator, model_chunk):
+        logits = model_chunk(tokens, position_ids, causal_attention_mask(tokens.shape[1], device=tokens.device))
+
+        def loss_func(out):
+            result["fp"] = fingerprint.summarize(out, parallel_state.get_tensor_model_parallel_group())
+            return out.float().sum() * 0, {}
+
+        return logits, loss_func
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
+                                    num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=1,
+                                    forward_only=True)
+    if was_training:
+        model.train()
+    return result.get("fp")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# salt-megatron evaluate
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="salt-megatron evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="salt-megatron evaluate",
+                                description="Validation loss and perplexity of a checkpoint on an indexed dataset.")
     p.add_argument("--config", default=None)
     p.add_argument("--load", required=True, help="checkpoint directory (run dir or one iter_* dir)")
     add_data_args(p)
@@ -33,14 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate_checkpoint(args) -> dict | None:
     from megatron.core import tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from salt_megatron import checkpointing
     from salt_megatron.data.gpt_data import build_gpt_datasets, resolve_data_prefixes
     from salt_megatron.data.tokenizer import load_tokenizer
     from salt_megatron.distributed import initialize_distributed
-    from salt_megatron.model import GPTArchitecture, build_gpt_model
-    from salt_megatron.training import checkpointing
-    from salt_megatron.training.pretrain import evaluate
+    from salt_megatron.model import build_gpt_model
 
     meta = checkpointing.read_meta(args.load)
     arch = GPTArchitecture.from_dict(meta["arch"])
@@ -49,22 +136,21 @@ def evaluate_checkpoint(args) -> dict | None:
     tokenizer = load_tokenizer(args.tokenizer_model or meta["tokenizer_model"])
     if tokenizer.hash != meta["tokenizer_hash"]:
         raise SystemExit("salt-megatron evaluate: the tokenizer differs from the checkpoint's")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    dp = world // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
-    args.data_parallel_size = dp
-    args.seq_length = arch.seq_length
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
+    dp = data_parallel_size(world_size_from_launcher(), args.tensor_model_parallel_size,
+                            args.pipeline_model_parallel_size)
+    batch = BatchConfig(micro_batch_size=args.micro_batch_size,
+                        global_batch_size=args.global_batch_size or args.micro_batch_size * dp,
+                        data_parallel_size=dp, seq_length=arch.seq_length)
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                            backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes)
     torch.manual_seed(args.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     _, dataset = build_gpt_datasets(prefix, prefix, tokenizer, seq_length=arch.seq_length, seed=args.seed,
                                     train_samples=1, valid_samples=None, cache_dir=args.data_cache_path)
-    eval_iters = args.eval_iters or max(len(dataset) // args.global_batch_size, 1)
+    eval_iters = args.eval_iters or max(len(dataset) // batch.global_batch_size, 1)
     model = build_gpt_model(arch, params_dtype=torch.float32)
     checkpointing.load_model_weights(meta["path"], model)
-    result = evaluate(model, dataset, args, get_forward_backward_func(), eval_iters)
+    result = evaluate(model, dataset, batch, eval_iters)
     if result is not None and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         result.update(checkpoint=meta["path"], step=meta["step"], data=prefix)
         if args.json:

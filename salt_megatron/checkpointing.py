@@ -22,7 +22,6 @@ import shutil
 
 import torch
 
-from salt_megatron.compat import ensure_megatron_runs_here
 from salt_megatron.files import write_text_atomically
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -116,7 +115,6 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, meta: dict, writ
 
     ``write_extra(tmp_dir)``, called on every rank before the rename, adds state kept elsewhere (DeepSpeed's).
     """
-    ensure_megatron_runs_here()
     from megatron.core import dist_checkpointing
 
     rank = torch.distributed.get_rank()
@@ -157,7 +155,6 @@ def load_model_weights(checkpoint_path: str, model, *, replicated_on_every_stage
     ``replicated_on_every_stage``: the model is held whole on every pipeline stage (the teacher), so each shard is
     read by several "main" replicas; dist_checkpointing's one-reader-per-shard check does not apply.
     """
-    ensure_megatron_runs_here()
     from megatron.core import dist_checkpointing
 
     state = dist_checkpointing.load({"model": _model_sharded_state_dict(model)}, checkpoint_path,
@@ -167,7 +164,6 @@ def load_model_weights(checkpoint_path: str, model, *, replicated_on_every_stage
 
 def load_checkpoint(checkpoint_path: str, model, optimizer) -> None:
     """Load model, optimizer and this rank's RNG states from one iteration directory (exact resume)."""
-    ensure_megatron_runs_here()
     from megatron.core import dist_checkpointing
 
     model_sd = _model_sharded_state_dict(model)

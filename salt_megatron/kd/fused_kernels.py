@@ -1,0 +1,121 @@
+"""The fused kernel set: the compiled ``csrc/`` kernels behind the kernel protocol, for one device type.
+
+Both kernels take fp32, bf16 and fp16 logits (student and teacher may differ) and a ``row_index`` (rows masked out
+cost nothing and are not copied).  fp64 inputs (gradcheck) and other layouts the compiled code does not take go to
+the PyTorch kernels; :meth:`FusedKernels.handles` says which.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from salt_megatron.kd import build
+from salt_megatron.kd.torch_kernels import local_row_stats, local_student_grad
+
+# the compiled kernels accept these dtypes; anything else (fp64) uses the PyTorch kernels
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_lock = threading.RLock()
+_kernels: dict[str, "FusedKernels"] = {}
+
+
+class FusedKernels:
+    """The compiled implementation of the kernel protocol (``supports_row_index``, ``supports_split_grad``).
+
+    Out-of-range ``row_index`` entries are refused before any kernel runs, unless ``trusted_rows=True`` (the caller
+    made ``row_index`` itself, e.g. from a mask: the check would synchronise a GPU).
+    """
+
+    supports_row_index = True
+    supports_split_grad = True
+
+    def __init__(self, device_type: str, module):
+        self.device_type = device_type
+        self.name = f"fused-{device_type}"
+        self._module = module
+
+    def __repr__(self) -> str:
+        return f"FusedKernels({self.device_type!r})"
+
+    def handles(self, *tensors: torch.Tensor) -> bool:
+        """Whether the compiled kernel takes these tensors (else the PyTorch kernels run: fp64, odd layouts)."""
+        return all(
+            x.device.type == self.device_type and x.dtype in _KERNEL_DTYPES and x.dim() == 2
+            and (x.shape[1] <= 1 or x.stride(1) == 1)
+            for x in tensors
+        )
+
+    def _call(self, fn, device: torch.device, *args):
+        if self.device_type == "cuda":
+            with torch.cuda.device(device):
+                return fn(*args, torch.cuda.current_stream(device).cuda_stream)
+        return fn(*args)
+
+    @staticmethod
+    def _check_row_index(row_index, num_rows):
+        # checked here rather than in C++: an exception thrown across the extension boundary is where a torch
+        # built with another toolchain can crash (seen on the GPU machine's torch 2.11)
+        if row_index is not None and row_index.numel() and (
+            int(row_index.min()) < 0 or int(row_index.max()) >= num_rows
+        ):
+            raise RuntimeError(f"row_index holds a row out of range [0, {num_rows})")
+
+    def row_stats(self, student, teacher, temperature, row_index=None, trusted_rows=False):
+        if not trusted_rows:  # the check reads row_index's min/max: on a GPU that synchronises
+            self._check_row_index(row_index, student.shape[0])
+        if not self.handles(student, teacher):
+            if row_index is not None:
+                student, teacher = student.index_select(0, row_index), teacher.index_select(0, row_index)
+            return local_row_stats(student, teacher, temperature)
+        return self._call(self._module.row_stats, student.device, student, teacher, float(temperature), row_index)
+
+    def student_grad(
+        self, student, teacher, max_s, log_sum_s, max_t, log_sum_t, grad_rows, temperature, out,
+        teacher_grad_rows=None, row_index=None, trusted_rows=False,
+    ):
+        if not trusted_rows:
+            self._check_row_index(row_index, student.shape[0])
+        row_vectors = (max_s, log_sum_s, max_t, log_sum_t, grad_rows)
+        if not self.handles(student, teacher, out) or out.dtype != student.dtype:
+            if row_index is None:
+                local_student_grad(student, teacher, *row_vectors, temperature, out,
+                                   teacher_grad_rows=teacher_grad_rows)
+            else:
+                part = torch.empty(row_index.numel(), out.shape[1], dtype=out.dtype, device=out.device)
+                local_student_grad(student.index_select(0, row_index), teacher.index_select(0, row_index),
+                                   *row_vectors, temperature, part, teacher_grad_rows=teacher_grad_rows)
+                out.index_copy_(0, row_index, part)
+            return
+        # both modules: (..., out, row_index, teacher_grad_rows); _call appends the stream for CUDA
+        self._call(
+            self._module.student_grad, student.device, student, teacher, *row_vectors, float(temperature), out,
+            row_index, teacher_grad_rows,
+        )
+
+
+def kernels_for(device, required: bool = False) -> FusedKernels | None:
+    """The fused kernels for ``device``'s type; None when not available (or raise RuntimeError if ``required``)."""
+    kind = torch.device(device).type
+    if kind not in build.KINDS:
+        if required:
+            raise RuntimeError(f"no fused KL kernel for device type {kind!r} (only 'cpu' and 'cuda'); use impl='torch'")
+        return None
+    with _lock:
+        if kind in _kernels:
+            return _kernels[kind]
+        module = build.load_extension(kind)
+        if module is None:
+            if required:
+                nvcc = " and nvcc (a CUDA toolkit; CUDA_HOME)" if kind == "cuda" else ""
+                raise RuntimeError(
+                    f"the fused KL kernel for {kind} is not available: {build.why_unavailable(kind)}.\n"
+                    f"Build it with `pip install --no-build-isolation -e .` in the salt_megatron checkout (needs a "
+                    f"C++ compiler{nvcc}; SALT_MEGATRON_BUILD_EXT=0 / SALT_MEGATRON_BUILD_CUDA=0 must not be set), "
+                    f"or let it compile just in time (needs ninja and the csrc/ sources; unset SALT_MEGATRON_NO_JIT). "
+                    f"impl='torch' works without it."
+                )
+            return None
+        _kernels[kind] = FusedKernels(kind, module)
+        return _kernels[kind]

@@ -1,0 +1,142 @@
+"""The SALT loss: ``(1-ω)·CE(student, next token) + ω·τ²·KD(teacher → student)`` on vocab-parallel logits."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from salt_megatron.kd.checks import check_kd_weight, check_logits, check_temperature, compute_dtype
+from salt_megatron.kd.select import select_kernels
+from salt_megatron.kd.vocab_parallel import combine_across_shards, vocab_parallel_kl_div
+
+
+class _KLAndCrossEntropy(torch.autograd.Function):
+    """KD and next-token CE of one unsharded, unpadded vocabulary at τ = 1 from the same pass.
+
+    At τ = 1 the student's softmax is the CE's, so the KD row statistics give CE = max_s + log_sum_s - s[label] for
+    free, and one gradient pass writes both terms: ``q·(g_kl + g_ce) - p·g_kl``, then ``-g_ce`` at each label.
+    This saves CE's own softmax passes and the sum of two vocabulary-sized gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, kernels):
+        stats = kernels.row_stats(student, teacher, 1.0)
+        kl, row_stats = combine_across_shards(stats, 1.0, None)
+        label_logit = student.gather(1, labels[:, None]).squeeze(1).to(kl.dtype)
+        ce = row_stats[0] + row_stats[1] - label_logit
+        ctx.save_for_backward(student, teacher, labels, *row_stats)
+        ctx.kernels = kernels
+        return kl, ce
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_ce):
+        student, teacher, labels, *row_stats = ctx.saved_tensors
+        compute = compute_dtype(student)
+        g_kl, g_ce = grad_kl.to(compute), grad_ce.to(compute)
+        grad = torch.empty_like(student)
+        if student.shape[0] > 0:
+            ctx.kernels.student_grad(student, teacher, *row_stats, g_kl + g_ce, 1.0, grad, teacher_grad_rows=g_kl)
+            rows = torch.arange(student.shape[0], device=student.device)
+            grad[rows, labels] -= g_ce.to(grad.dtype)
+        return grad, None, None, None
+
+
+@dataclasses.dataclass
+class SaltLoss:
+    """The SALT loss and its parts (masked token means), for the backward pass and for logging."""
+
+    loss: torch.Tensor  # (1-ω)·CE + ω·[τ²]·KD, what backward runs on
+    ce: torch.Tensor  # next-token cross entropy (detached)
+    kd: torch.Tensor | None  # KL(teacher ‖ student) at τ, without the τ² factor (detached); None when ω = 0
+    num_tokens: torch.Tensor  # tokens that counted (sum of the loss mask)
+
+
+def salt_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    kd_weight: float,
+    temperature: float = 1.0,
+    loss_mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    tp_group=None,
+    scale_kd_by_temperature_squared: bool = True,
+    impl: str = "auto",
+    fuse_ce_with_kd: bool = True,
+) -> SaltLoss:
+    """``(1-ω)·CE(student, labels) + ω·τ²·KD(teacher → student)``, averaged over the tokens the mask keeps.
+
+    ``student_logits``/``teacher_logits``: vocab shards of shape ``labels.shape + (W,)``.  CE goes through
+    megatron-core's vocab-parallel cross entropy (``tensor_parallel.vocab_parallel_cross_entropy``) when TP > 1.
+    With ω = 0 the teacher's logits are not needed (pass None); with ω > 0 they are required.  The τ² factor
+    (Hinton et al.) keeps the KD gradient's scale independent of τ; turn it off with
+    ``scale_kd_by_temperature_squared=False``.  ``fuse_ce_with_kd``: where it can (τ = 1, one unpadded vocabulary
+    shard, kernels with split gradient weights), take CE from the KD pass instead of a softmax of its own (the same
+    numbers, one pass fewer); ``False`` always computes the two apart.
+    """
+    check_kd_weight(kd_weight)
+    check_temperature(temperature)
+    if student_logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"labels must have shape {tuple(student_logits.shape[:-1])} (the logits without the vocab dim), "
+            f"got {tuple(labels.shape)}"
+        )
+    if kd_weight > 0 and teacher_logits is None:
+        raise ValueError("teacher_logits is required when kd_weight > 0")
+    mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+    if mask.shape != labels.shape:
+        raise ValueError(f"loss_mask must have shape {tuple(labels.shape)}, got {tuple(mask.shape)}")
+    num_tokens = mask.sum()
+    denom = num_tokens.clamp(min=1.0)
+
+    sharded = tp_group is not None and torch.distributed.get_world_size(group=tp_group) > 1
+    width = student_logits.shape[-1]
+    kernels = select_kernels(impl, student_logits.device) if kd_weight > 0 else None
+    if kd_weight > 0 and fuse_ce_with_kd and temperature == 1.0 and not sharded and \
+            (vocab_size is None or vocab_size == width) and kernels.supports_split_grad:
+        # one vocabulary, no padding, τ = 1: KD and CE from the same pass (see _KLAndCrossEntropy)
+        check_logits(student_logits, teacher_logits)
+        kd_tokens, ce_tokens = _KLAndCrossEntropy.apply(
+            student_logits.reshape(-1, width), teacher_logits.detach().reshape(-1, width), labels.reshape(-1),
+            kernels,
+        )
+        kd_tokens, ce_tokens = kd_tokens.view(labels.shape), ce_tokens.view(labels.shape)
+    else:
+        # megatron's vocab-parallel CE (TP > 1) overwrites its input in place: it gets a copy when the KD term
+        # needs the logits too.  Without TP, torch's CE leaves its input alone and no copy is made.
+        ce_input = student_logits.clone() if sharded and kd_weight > 0 else student_logits
+        ce_tokens = vocab_parallel_cross_entropy(ce_input, labels, tp_group)
+        kd_tokens = None
+        if kd_weight > 0:
+            kd_tokens = vocab_parallel_kl_div(
+                student_logits, teacher_logits, temperature=temperature, vocab_size=vocab_size,
+                tp_group=tp_group, loss_mask=None if loss_mask is None else loss_mask != 0, impl=impl,
+            )
+    ce = (ce_tokens.float() * mask).sum() / denom
+    loss = (1.0 - kd_weight) * ce if kd_weight < 1 else ce.detach() * 0.0
+
+    kd = None
+    if kd_weight > 0:
+        kd = (kd_tokens.float() * mask).sum() / denom
+        factor = temperature**2 if scale_kd_by_temperature_squared else 1.0
+        loss = loss + kd_weight * factor * kd
+        kd = kd.detach()
+    return SaltLoss(loss=loss, ce=ce.detach(), kd=kd, num_tokens=num_tokens)
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
+    """Per-token CE on vocab-parallel logits; megatron-core's implementation when the vocabulary is sharded."""
+    if tp_group is None or torch.distributed.get_world_size(group=tp_group) == 1:
+        flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        return flat.view(labels.shape)
+    from megatron.core import parallel_state, tensor_parallel
+
+    if "tp_group" in inspect.signature(tensor_parallel.vocab_parallel_cross_entropy).parameters:  # mcore >= 0.17
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels, tp_group=tp_group)
+    if tp_group is not parallel_state.get_tensor_model_parallel_group():
+        raise ValueError("with megatron-core < 0.17, tp_group must be parallel_state's tensor-model-parallel group")
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)

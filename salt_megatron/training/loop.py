@@ -1,0 +1,108 @@
+"""``salt-megatron pretrain``: GPT pretraining on megatron-core, with SALT when a teacher is given.
+
+The path from flags to a trained model, top to bottom:
+
+    flags → checks (before anything is built) → process groups → tokenizer + datasets → student (GPTModel in its
+    backend) + optimizer + LR schedule → teacher (if SALT) → resume → loop of train_step → save
+
+``setup`` (``salt_megatron.training.setup``) builds the run; ``train_step`` (``salt_megatron.training.step``) is
+the whole step in one function; this module runs the loop: when to evaluate, when the teacher is released, when to
+save.
+"""
+
+from __future__ import annotations
+
+import os
+
+from salt_megatron.training.arguments import build_pretrain_parser, params_dtype, parse_with_config, \
+    validate_pretrain_args
+from salt_megatron.training.evaluate import evaluate, model_fingerprint
+from salt_megatron.training.setup import from_last_rank, setup
+from salt_megatron.training.state import Run
+from salt_megatron.training.step import train_step
+
+
+def checkpoint_meta(run: Run) -> dict:
+    """What ``salt_meta.json`` records beside the weights: enough to rebuild, resume and check the run."""
+    args = run.args
+    return {
+        "arch": run.arch.to_dict(),
+        "consumed_samples": run.state.consumed_samples,
+        "opt_param_scheduler": run.scheduler.state_dict(),
+        "salt_schedule": run.salt.schedule.state_dict() if run.salt.schedule is not None else None,
+        "tokenizer_hash": run.tokenizer.hash,
+        "tokenizer_model": os.path.abspath(run.tokenizer.model_path),
+        "fingerprint": from_last_rank(model_fingerprint(run.backend.model, run.arch)),
+        "init_fingerprint": run.init_fingerprint,
+        "params_dtype": str(params_dtype(args)),
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+    }
+
+
+def save(run: Run) -> str:
+    path = run.backend.save(run.args.save, run.state.step, checkpoint_meta(run))
+    run.writer.message(f"saved checkpoint {path}")
+    return path
+
+
+def evaluate_all(run: Run) -> dict | None:
+    """The validation loss, and ``val_loss_NAME`` of each extra held-out set; on the last rank, else None."""
+    args = run.args
+    m = evaluate(run.backend.model, run.data.valid, run.batch, args.eval_iters)
+    for name, dataset in run.data.extra_valid.items():
+        extra = evaluate(run.backend.model, dataset, run.batch, args.eval_iters)
+        if m is not None and extra is not None:
+            m[f"val_loss_{name}"] = extra["val_loss"]
+    return m
+
+
+def train(run: Run) -> dict:
+    args, state = run.args, run.state
+    history = {"train": [], "eval": []}
+
+    def run_eval():
+        m = evaluate_all(run)
+        if m is not None:
+            run.writer.eval(state.step, m)
+            history["eval"].append({"step": state.step, **m})
+
+    has_valid = run.data.valid is not None
+    if has_valid and args.eval_interval and state.step == 0:
+        run_eval()
+    while state.step < args.train_iters:
+        if run.teacher is not None and run.teacher.loaded and not run.salt.teacher_needed(state.step):
+            run.teacher.release()
+            run.writer.message(f"step {state.step}: KD phase over (ω = 0); teacher released")
+        m = train_step(run)
+        if "loss" in m:
+            history["train"].append({"step": state.step, **m})
+            run.writer.train(state.step, args.train_iters, m,
+                             echo=state.step % args.log_interval == 0 or state.step == args.train_iters)
+        last = state.step == args.train_iters
+        if has_valid and (last or (args.eval_interval and state.step % args.eval_interval == 0)):
+            run_eval()
+        if args.save and (last or (args.save_interval and state.step % args.save_interval == 0)):
+            save(run)
+    history["teacher_forward_calls"] = run.teacher.forward_calls if run.teacher is not None else 0
+    return history
+
+
+def pretrain(args) -> dict:
+    run = setup(args)
+    try:
+        return train(run)
+    finally:
+        run.writer.close()
+
+
+def main_returning(argv=None) -> dict:
+    """Parse, check and run; returns the run's history (train/eval metrics per step) for scripts and tests."""
+    from salt_megatron.distributed import world_size_from_launcher
+
+    args = parse_with_config(build_pretrain_parser(), argv)
+    validate_pretrain_args(args, world_size=world_size_from_launcher())
+    return pretrain(args)
+
+
+def main(argv=None) -> None:
+    main_returning(argv)

@@ -1,0 +1,231 @@
+"""Everything before the first step of ``pretrain``, one concern per function.
+
+    check_inputs (files, tokenizer, teacher metadata, resume point: cheap, before anything is built)
+    → process groups → build_data → build_student → build_teacher → resume
+
+Refusals happen in ``check_inputs`` and the flag validation before it, before any model is trained or file written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+
+from salt_megatron import checkpointing
+from salt_megatron.config import BatchConfig, SaltConfig
+from salt_megatron.distributed import initialize_distributed
+from salt_megatron.model import GPTArchitecture, build_gpt_model, pad_vocab_size, whole_model_process_groups
+from salt_megatron.training.arguments import params_dtype
+from salt_megatron.training.backends import DeepSpeedBackend, MegatronBackend, build_lr_scheduler
+from salt_megatron.training.evaluate import model_fingerprint
+from salt_megatron.training.metrics import MetricsWriter
+from salt_megatron.training.state import Data, Run, TrainState
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What the cheap checks found: the run's files, tokenizer, architecture and the checkpoints it reads."""
+
+    train_prefix: str
+    valid_prefix: str | None
+    tokenizer: object
+    arch: GPTArchitecture
+    resume_meta: dict | None  # the checkpoint to resume from
+    teacher_meta: dict | None  # the teacher's checkpoint metadata (checked against the student)
+    sidecar: tuple | None  # SALT_DS: (header, window scores, document scores) of the score sidecar
+
+    @property
+    def start_step(self) -> int:
+        return int(self.resume_meta["step"]) if self.resume_meta else 0
+
+
+def _refuse(message: str):
+    raise SystemExit(f"salt-megatron: refusing to start: {message}")
+
+
+def _prepared_tokenizer_hash(prefix: str) -> str | None:
+    """The tokenizer hash ``prepare`` recorded for a dataset prefix (``P_train``/``P_valid`` → ``P.json``), if any."""
+    for candidate in (prefix + ".json", prefix.rsplit("_", 1)[0] + ".json"):
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                return json.load(f).get("tokenizer_hash")
+    return None
+
+
+def _default_tokenizer(args, train_prefix: str) -> str:
+    candidates = [p + ".model" for p in (args.data_path, train_prefix) if p]
+    candidates.append(train_prefix.rsplit("_train", 1)[0] + ".model")
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    raise SystemExit(f"salt-megatron: no tokenizer: pass --tokenizer-model (looked for {', '.join(candidates)})")
+
+
+def student_architecture(args, vocab_size: int) -> GPTArchitecture:
+    padded = pad_vocab_size(vocab_size, args.tensor_model_parallel_size, args.make_vocab_size_divisible_by)
+    return GPTArchitecture(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size, seq_length=args.seq_length, vocab_size=vocab_size,
+        padded_vocab_size=padded, num_query_groups=args.num_query_groups, normalization=args.normalization,
+        activation="swiglu" if args.swiglu else "gelu", position_embedding_type=args.position_embedding_type,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+    )
+
+
+def check_inputs(args, salt: SaltConfig) -> Inputs:
+    """Data files, tokenizer, resume point, teacher metadata and score sidecar: cheap, nothing is built."""
+    from salt_megatron.data.gpt_data import resolve_data_prefixes
+    from salt_megatron.data.tokenizer import load_tokenizer
+    from salt_megatron.teacher import check_teacher_checkpoint
+
+    try:
+        train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path,
+                                                           args.valid_data_path)
+    except (FileNotFoundError, ValueError) as e:
+        _refuse(str(e))
+    tokenizer = load_tokenizer(args.tokenizer_model or _default_tokenizer(args, train_prefix))
+    arch = student_architecture(args, tokenizer.vocab_size)
+    resume_meta = None
+    if args.load:
+        try:
+            resume_meta = checkpointing.read_meta(args.load)
+        except checkpointing.CheckpointError:
+            resume_meta = None  # nothing to resume from yet: start fresh (Megatron's behaviour)
+        if resume_meta is not None and resume_meta.get("tokenizer_hash") != tokenizer.hash:
+            raise SystemExit(f"salt-megatron: refusing to resume from {resume_meta['path']}: another tokenizer")
+    teacher_meta = None
+    if salt.uses_teacher:
+        teacher_meta = check_teacher_checkpoint(salt.teacher_load, tokenizer_hash=tokenizer.hash,
+                                                padded_vocab_size=arch.padded_vocab_size)
+    sidecar = None
+    if salt.data_selection is not None:
+        from salt_megatron.data import scores
+
+        try:
+            sidecar = scores.load_sidecar(salt.data_selection.scored_data_path or train_prefix,
+                                          seq_length=args.seq_length)
+        except (FileNotFoundError, scores.SidecarMismatch) as e:
+            _refuse(str(e))
+        if sidecar[0].get("tokenizer_hash") != tokenizer.hash:
+            _refuse("the score sidecar was made with another tokenizer")
+    for name, prefix in args.extra_valid.items():
+        other = _prepared_tokenizer_hash(prefix)
+        if other is not None and other != tokenizer.hash:
+            _refuse(f"extra validation set {name} ({prefix}) was tokenized with another tokenizer")
+    return Inputs(train_prefix, valid_prefix, tokenizer, arch, resume_meta, teacher_meta, sidecar)
+
+
+def build_data(args, inputs: Inputs, salt: SaltConfig, writer: MetricsWriter) -> Data:
+    """GPTDatasets (train, valid, extra held-out sets) and, for SALT_DS, the selected windows of the KD phase.
+    Collective: every rank builds (rank 0 writes megatron-core's index cache, the others wait)."""
+    from salt_megatron.data.gpt_data import build_gpt_datasets
+
+    def datasets(prefix, valid_prefix, seed, train_samples, valid_samples=None):
+        return build_gpt_datasets(prefix, valid_prefix, inputs.tokenizer, seq_length=args.seq_length, seed=seed,
+                                  train_samples=train_samples, valid_samples=valid_samples,
+                                  cache_dir=args.data_cache_path)
+
+    eval_samples = max(args.eval_iters, 1) * args.global_batch_size
+    train, valid = datasets(inputs.train_prefix, inputs.valid_prefix, args.seed,
+                            args.train_iters * args.global_batch_size, eval_samples)
+    extra_valid = {name: datasets(prefix, None, args.seed, eval_samples)[0] for name, prefix in args.extra_valid.items()}
+    kd = None
+    if inputs.sidecar is not None:
+        from salt_megatron.data.selection import SelectedWindows
+        from salt_megatron.data.windows import UnshuffledWindows
+
+        selection = salt.data_selection
+        header, window_scores, _ = inputs.sidecar
+        scored, _ = datasets(selection.scored_data_path or inputs.train_prefix, None, header["seed"], None)
+        kd = SelectedWindows(UnshuffledWindows(scored), header, window_scores, score=selection.select_by,
+                             mode=selection.mode, fraction=selection.fraction,
+                             skip_fraction=selection.skip_fraction, seed=args.seed, cache_dir=args.data_cache_path)
+        writer.message(f"SALT_DS: KD phase draws from {kd.num_selected} of {window_scores.shape[0]} windows "
+                       f"({selection.mode}, score {selection.select_by}, sidecar {kd.sidecar_hash})")
+    return Data(train=train, valid=valid, kd=kd, extra_valid=extra_valid)
+
+
+def build_student(args, arch: GPTArchitecture):
+    """The student GPTModel in its backend, and megatron-core's LR schedule over the backend's optimizer."""
+    if args.deepspeed:
+        # fp32 weights: DeepSpeed casts the module to the JSON's precision itself
+        backend = DeepSpeedBackend.build(build_gpt_model(arch, params_dtype=torch.float32), args)
+    else:
+        dtype = params_dtype(args)
+        backend = MegatronBackend.build(build_gpt_model(arch, params_dtype=dtype), args, dtype)
+    return backend, build_lr_scheduler(backend.optimizer, args)
+
+
+def build_teacher(args, salt: SaltConfig, inputs: Inputs, writer: MetricsWriter):
+    """The frozen teacher, when the KD phase is not over at the start step (else None)."""
+    from megatron.core import parallel_state
+
+    from salt_megatron.teacher import Teacher
+
+    if inputs.teacher_meta is None or not salt.teacher_needed(inputs.start_step):
+        return None
+    meta = inputs.teacher_meta
+    rng = checkpointing.rng_state()  # building the teacher draws init numbers: keep the student's stream
+    pgs = whole_model_process_groups() if args.pipeline_model_parallel_size > 1 else None
+    teacher = Teacher(meta, params_dtype=params_dtype(args), is_last_stage=parallel_state.is_pipeline_last_stage(),
+                      tp_group=parallel_state.get_tensor_model_parallel_group(), pg_collection=pgs)
+    checkpointing.set_rng_state(rng)
+    schedule = salt.schedule
+    writer.message(f"teacher: {teacher.arch.num_layers} layers x {teacher.arch.hidden_size} from {meta['path']} "
+                   f"(step {meta['step']}); KD for steps [0, {schedule.kd_steps}), ω={schedule.kd_weight}, "
+                   f"τ={salt.temperature}, {schedule.transition}")
+    return teacher
+
+
+def from_last_rank(obj):
+    """Send a picklable object from the last rank (the last pipeline stage, where logits live) to every rank."""
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=torch.distributed.get_world_size() - 1)
+    return holder[0]
+
+
+def resume(run: Run, resume_meta: dict | None) -> None:
+    """Weights, optimizer, RNG, LR schedule and counters from the checkpoint; a fresh run records its init's
+    fingerprint instead."""
+    if resume_meta is None:
+        run.init_fingerprint = from_last_rank(model_fingerprint(run.backend.model, run.arch))
+        return
+    run.backend.load(resume_meta["path"])
+    run.scheduler.load_state_dict(resume_meta["opt_param_scheduler"])
+    run.state = TrainState(step=int(resume_meta["step"]), consumed_samples=int(resume_meta["consumed_samples"]))
+    run.init_fingerprint = resume_meta.get("init_fingerprint")
+    run.writer.message(f"resumed from {resume_meta['path']} at step {run.state.step}")
+
+
+def setup(args) -> Run:
+    """Everything before the first step, from validated flags."""
+    from megatron.core import tensor_parallel
+
+    salt = SaltConfig.from_args(args)
+    inputs = check_inputs(args, salt)
+    initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                           backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes)
+    last_rank = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+    writer = MetricsWriter(enabled=last_rank, tensorboard_dir=args.tensorboard_dir, metrics_file=args.metrics_file)
+    torch.manual_seed(args.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+
+    data = build_data(args, inputs, salt, writer)
+    # the student before the teacher, so its initialisation is the baseline's whatever the teacher is (paired runs)
+    backend, scheduler = build_student(args, inputs.arch)
+    teacher = build_teacher(args, salt, inputs, writer)
+    run = Run(args=args, salt=salt, batch=BatchConfig.from_args(args), arch=inputs.arch, backend=backend,
+              scheduler=scheduler, teacher=teacher, data=data, tokenizer=inputs.tokenizer, writer=writer)
+    resume(run, inputs.resume_meta)
+    arch = inputs.arch
+    params = sum(p.numel() for p in backend.model.parameters())
+    writer.message(f"model: {arch.num_layers} layers x {arch.hidden_size}, {params / 1e6:.2f}M parameters on "
+                   f"rank {torch.distributed.get_rank()}; TP={args.tensor_model_parallel_size} "
+                   f"PP={args.pipeline_model_parallel_size} DP={args.data_parallel_size}; vocab {arch.vocab_size} "
+                   f"(padded {arch.padded_vocab_size})")
+    return run

@@ -1,0 +1,110 @@
+"""The vocab-parallel KL at TP = 2 and 4 (gloo processes; each rank holds a vocabulary shard) against the float64
+reference on the gathered vocabulary: identical on every rank, exactly two collectives, the right gradient shard.
+The PyTorch kernels and the fused ones, padding on the last rank(s), masks, -inf and ±1e4 logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from salt_megatron.kd import vocab_parallel_kl_div
+from salt_megatron.kd.reference import reference_grad, reference_kl
+from tests.dist_utils import run_workers
+from tests.kd_cases import TWO_COLLECTIVES, CountingAllReduce, fused_kernels_on, grad_tol, make_logits, same_in_dtype
+
+
+def _torch_worker(rank, world_size, student, teacher, vocab_size, tau, dtype, mask):
+    torch.distributed.init_process_group("gloo")
+    w = student.shape[-1] // world_size
+    cols = slice(rank * w, (rank + 1) * w)
+    x = student[..., cols].to(dtype).clone().requires_grad_(True)
+    with CountingAllReduce() as counted:
+        kl = vocab_parallel_kl_div(x, teacher[..., cols].to(dtype), temperature=tau, vocab_size=vocab_size,
+                                   tp_group=torch.distributed.group.WORLD, loss_mask=mask, impl="torch")
+        kl.backward(torch.ones_like(kl))
+    return kl.detach(), x.grad.double(), counted.ops
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_kernels_match_the_gathered_reference(tp, dtype):
+    shape, vocab_size, tau = (3, 4, 24), 21, 1.5  # padding lands on the last rank(s)
+    student, teacher = make_logits(shape, 0), make_logits(shape, 1)
+    student[0, 0] = 1e4
+    teacher[1, 2, :3] = float("-inf")
+    mask = torch.ones(shape[:-1], dtype=torch.bool)
+    mask[2, 1] = False
+    results = run_workers(_torch_worker, tp, student, teacher, vocab_size, tau, dtype, mask)
+    rounded_s, rounded_t = student.to(dtype), teacher.to(dtype)
+    ref = reference_kl(rounded_s, rounded_t, tau, vocab_size) * mask
+    ref_grad = reference_grad(rounded_s, rounded_t, tau, vocab_size, grad_out=mask.double())
+    w = shape[-1] // tp
+    for rank, (kl, grad, ops) in enumerate(results):
+        torch.testing.assert_close(kl, results[0][0], rtol=0, atol=0)  # identical on every rank
+        torch.testing.assert_close(kl.double(), ref, rtol=1e-5, atol=1e-5)
+        tol = 1e-6 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(grad, ref_grad[..., rank * w:(rank + 1) * w], rtol=tol, atol=tol)
+        assert ops == TWO_COLLECTIVES
+
+
+TP_CASES = [  # (shape, vocab_size, tau, dtype, masked)
+    ((3, 4, 2052), 2000, 1.5, torch.float32, True),
+    ((2, 3, 2052), 2049, 1.0, torch.bfloat16, False),
+    ((5, 1028), 1025, 0.8, torch.float16, True),
+    ((2, 2052), None, 1.0, torch.float32, False),
+]
+
+
+def tp_inputs(case_id):
+    shape, vocab_size, tau, dtype, masked = TP_CASES[case_id]
+    s, t = make_logits(shape, 10 + case_id), make_logits(shape, 20 + case_id)
+    s.view(-1, shape[-1])[0, 3] = 1e4  # a huge logit on rank 0's shard
+    t.view(-1, shape[-1])[1, : shape[-1] // 2 + 5] = float("-inf")  # teacher mass only on the later shards
+    mask = None
+    if masked:
+        mask = torch.ones(shape[:-1], dtype=torch.bool)
+        mask.view(-1)[1] = False
+    return s.to(dtype), t.to(dtype), vocab_size, tau, mask
+
+
+def _fused_and_torch_worker(rank, world_size):
+    torch.distributed.init_process_group("gloo")
+    results = []
+    for case_id in range(len(TP_CASES)):
+        s, t, vocab_size, tau, mask = tp_inputs(case_id)
+        w = s.shape[-1] // world_size
+        cols = slice(rank * w, (rank + 1) * w)
+        out = {}
+        for impl in ("fused", "torch"):
+            x = s[..., cols].clone().requires_grad_(True)
+            with CountingAllReduce() as counted:
+                kl = vocab_parallel_kl_div(x, t[..., cols].clone(), temperature=tau, vocab_size=vocab_size,
+                                           tp_group=torch.distributed.group.WORLD, loss_mask=mask, impl=impl)
+                kl.backward(torch.ones_like(kl))
+            out[impl] = (kl.detach(), x.grad, counted.ops)
+        results.append(out)
+    return results
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_fused_vs_torch_vs_float64(tp):
+    fused_kernels_on("cpu")
+    results = run_workers(_fused_and_torch_worker, tp)
+    for case_id, (shape, vocab_size, tau, dtype, masked) in enumerate(TP_CASES):
+        s, t, vocab_size, tau, mask = tp_inputs(case_id)
+        keep = torch.ones(shape[:-1], dtype=torch.float64) if mask is None else mask.double()
+        ref = reference_kl(s, t, tau, vocab_size) * keep
+        ref_grad = reference_grad(s, t, tau, vocab_size, grad_out=keep)
+        w = shape[-1] // tp
+        for rank in range(tp):
+            kl_f, grad_f, calls_f = results[rank][case_id]["fused"]
+            kl_t, grad_t, calls_t = results[rank][case_id]["torch"]
+            assert calls_f == TWO_COLLECTIVES and calls_t == TWO_COLLECTIVES, (calls_f, calls_t)
+            torch.testing.assert_close(kl_f, results[0][case_id]["fused"][0], rtol=0, atol=0)  # same on all ranks
+            torch.testing.assert_close(kl_f.double(), ref, rtol=2e-5, atol=1e-4)
+            torch.testing.assert_close(kl_t.double(), ref, rtol=2e-5, atol=1e-4)
+            torch.testing.assert_close(kl_f, kl_t, rtol=2e-5, atol=1e-4)
+            shard_ref = ref_grad[..., rank * w:(rank + 1) * w]
+            assert grad_f.dtype == dtype
+            torch.testing.assert_close(grad_f.double(), shard_ref, **grad_tol(dtype, shard_ref))
+            same_in_dtype(grad_f, grad_t, dtype)
