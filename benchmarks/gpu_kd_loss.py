@@ -3,14 +3,16 @@
 For N rows and V ∈ {32k, 128k} (bf16 by default) it times forward+backward of
 
 * fused:  ``vocab_parallel_kl_div(..., impl="fused")`` (the CUDA kernel; also its forward and backward alone),
-* torch:  ``vocab_parallel_kl_div(..., impl="torch")`` (the chunked PyTorch kernels of kd_loss),
+* torch:  ``vocab_parallel_kl_div(..., impl="torch")`` (the chunked PyTorch kernels, salt_megatron.kd.torch_kernels),
 * naive:  ``F.kl_div(F.log_softmax(s/τ,-1), F.log_softmax(t/τ,-1), log_target=True, reduction='none').sum(-1)``,
 
 and prints times, the ratio to naive, the peak memory above the inputs, and the share of the memory-bandwidth
 bound: forward reads s and t, backward reads s and t and writes the gradient, so fwd+bwd moves 5·N·V·bytes; the
 bound is that ÷ the HBM bandwidth (--bandwidth, default from the device name: H100 SXM 3.35e12 B/s, H200 4.8e12).
-Before timing, a correctness check compares the CUDA fused kernel with the PyTorch path and a float64 reference
-(fp32 and bf16, values and gradients, with padding columns and a loss mask).  Needs no megatron-core.
+Before timing, a correctness check compares the CUDA fused kernel with the PyTorch path and the float64 reference
+(salt_megatron.kd.reference; fp32 and bf16, values and gradients, with padding columns and a loss mask).  Then
+``salt_loss`` (ω = 0.5, τ = 1) forward+backward: CE from the KD pass vs CE apart vs naive PyTorch CE + KD.  Needs no
+megatron-core.
 
     PYTHONPATH=. python benchmarks/gpu_kd_loss.py [--rows 8192] [--vocab 32768 131072] [--dtype bf16]
 """
@@ -27,8 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from salt_megatron import fused  # noqa: E402
-from salt_megatron.kd_loss import vocab_parallel_kl_div  # noqa: E402
+from salt_megatron.kd import build, fused_kernels, salt_loss, vocab_parallel_kl_div  # noqa: E402
+from salt_megatron.kd.reference import reference_grad, reference_kl  # noqa: E402
 
 BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # B/s, SXM parts
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,16 +46,6 @@ def default_bandwidth(name: str) -> float | None:
 # ---------------------------------------------------------------------------------------------------------------
 # Correctness: CUDA fused vs the PyTorch path vs float64
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _reference(s, t, tau, vocab, keep):
-    s64, t64 = s.double()[:, :vocab] / tau, t.double()[:, :vocab] / tau
-    log_p, log_q = F.log_softmax(t64, -1), F.log_softmax(s64, -1)
-    p = log_p.exp()
-    kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1) * keep
-    grad = torch.zeros(s.shape, dtype=torch.float64, device=s.device)
-    grad[:, :vocab] = (log_q.exp() - p) / tau * keep[:, None]
-    return kl, grad
 
 
 def correctness_check(device: str, rows: int = 256, width: int = 32896, vocab: int = 32800, tau: float = 1.7) -> bool:
@@ -76,7 +68,9 @@ def correctness_check(device: str, rows: int = 256, width: int = 32896, vocab: i
             kl = vocab_parallel_kl_div(x, t, temperature=tau, vocab_size=vocab, loss_mask=mask, impl=impl)
             kl.backward(torch.ones_like(kl))
             out[impl] = (kl.detach(), x.grad)
-        ref_kl, ref_grad = _reference(s, t, tau, vocab, mask.double())
+        keep = mask.double()
+        ref_kl = reference_kl(s, t, tau, vocab) * keep
+        ref_grad = reference_grad(s, t, tau, vocab, grad_out=keep)
         (kl_f, g_f), (kl_t, g_t) = out["fused"], out["torch"]
         e_ref = (kl_f.double() - ref_kl).abs().max().item()
         e_torch = (kl_f - kl_t).abs().max().item()
@@ -133,12 +127,12 @@ def peak_above(fn, baseline: int, device: str) -> int | None:
 
 def bench_inputs(rows: int, vocab: int, dtype: torch.dtype, device: str):
     """Student and teacher logits ``[rows, vocab]`` (seeded), an upstream gradient of ones, the student as a leaf
-    that takes gradients, and the fused kernels for the device (also used by benchmarks/gpu_profile.py)."""
+    that takes gradients, and the fused kernels for the device."""
     g = torch.Generator(device=device).manual_seed(1)
     s = (torch.randn(rows, vocab, device=device, generator=g) * 3).to(dtype)
     t = (torch.randn(rows, vocab, device=device, generator=g) * 3).to(dtype)
     grad_out = torch.ones(rows, device=device)
-    return s, t, grad_out, s.detach().requires_grad_(True), fused.kernels_for(device, required=True)
+    return s, t, grad_out, s.detach().requires_grad_(True), fused_kernels.kernels_for(device, required=True)
 
 
 def grad_row_vectors(kernels, s, t, tau, grad_out):
@@ -201,9 +195,36 @@ def bench_one(rows: int, vocab: int, dtype: torch.dtype, tau: float, iters: int,
         pct = f"{100 * nbytes / bandwidth / (ms * 1e-3):9.1f}%" if bandwidth else "       n/a"
         peak_s = f"{peak / 2**30:14.2f} GiB" if peak is not None else f"{'':18s}"
         print(f"  {name:18s} {ms:9.3f} {ms / naive_ms:8.3f} {peak_s} {gbs:8.0f} {pct}")
+    bench_salt_loss(x, t, device, iters)
     del s, t, x, out
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def bench_salt_loss(x, t, device: str, iters: int, omega: float = 0.5) -> None:
+    """salt_loss fwd+bwd at τ = 1: CE from the KD pass (one pass over the logits) vs CE apart vs naive PyTorch."""
+    labels = torch.randint(0, x.shape[1], (x.shape[0],), device=device,
+                           generator=torch.Generator(device=device).manual_seed(3))
+
+    def salt(fuse_ce_with_kd):
+        x.grad = None
+        salt_loss(x, labels, t, kd_weight=omega, temperature=1.0, impl="fused",
+                  fuse_ce_with_kd=fuse_ce_with_kd).loss.backward()
+
+    def naive():
+        x.grad = None
+        ce = F.cross_entropy(x, labels)
+        kd = F.kl_div(F.log_softmax(x, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+        ((1 - omega) * ce + omega * kd).backward()
+
+    naive_ms = time_ms(naive, iters, device)
+    print(f"  salt_loss(ω={omega}, τ=1) fwd+bwd          ms  x naive")
+    for name, fn in (("one pass: CE from the KD pass", lambda: salt(True)),
+                     ("CE apart (F.cross_entropy) + fused KD", lambda: salt(False)),
+                     ("naive F.cross_entropy + F.kl_div", naive)):
+        ms = naive_ms if fn is naive else time_ms(fn, iters, device)
+        print(f"  {name:38s} {ms:9.3f} {ms / naive_ms:8.3f}")
+    x.grad = None
 
 
 def main(argv=None) -> int:
@@ -227,9 +248,9 @@ def main(argv=None) -> int:
     print(f"device: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
           f"HBM bandwidth {'%.2f TB/s' % (bandwidth / 1e12) if bandwidth else 'unknown (pass --bandwidth)'}")
     t0 = time.time()
-    status = fused.kernel_status()
+    status = build.kernel_status()
     print(f"fused kernels: cpu {status['cpu']}\n               cuda {status['cuda']}  ({time.time() - t0:.1f} s)")
-    if fused.kernels_for(args.device) is None:
+    if fused_kernels.kernels_for(args.device) is None:
         print(f"FAIL: the {args.device} kernel is not available")
         return 1
     ok = True

@@ -60,7 +60,7 @@ def _loss_fn(method: str):
             return (log_p.exp() * (log_p - log_q)).sum(-1)
 
         return modelopt_style
-    from salt_megatron.kd_loss import vocab_parallel_kl_div
+    from salt_megatron.kd import vocab_parallel_kl_div
 
     impl = "torch" if method == "salt" else "fused"
     return lambda s, t: vocab_parallel_kl_div(s, t, temperature=TAU, impl=impl)
@@ -118,9 +118,9 @@ def fused_available() -> bool:
     try:
         import torch
 
-        from salt_megatron import fused
+        from salt_megatron.kd import fused_kernels
 
-        return fused.kernels_for(torch.device("cpu"), required=False) is not None
+        return fused_kernels.kernels_for(torch.device("cpu"), required=False) is not None
     except Exception:
         return False
 

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from salt_megatron.files import atomic_files, write_text_atomically
+
 PRESETS = {
     # ~10 minutes on 2 CPU cores (install excluded)
     "default": dict(
@@ -128,7 +130,8 @@ def _plot(results: dict, kd_steps: int, path: str, title: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_files(path) as (tmp,):
+        fig.savefig(tmp, dpi=120)
 
 
 def main(argv=None) -> None:
@@ -178,13 +181,12 @@ def main(argv=None) -> None:
                   "--eval-interval", str(p["eval_interval"]), "--eval-iters", str(p["eval_iters"]),
                   "--metrics-file", metrics, "--tensorboard-dir", os.path.join(out, "tensorboard", name)],
                  os.path.join(out, f"{name}.log"))
-            open(done, "w").close()
+            write_text_atomically(done, "")
         results[name] = read_metrics(metrics)
 
     table = _summarise(results, p["student_iters"], kd_steps)
     print(table)
-    with open(os.path.join(out, "summary.txt"), "w") as f:
-        f.write(table + "\n")
+    write_text_atomically(os.path.join(out, "summary.txt"), table + "\n")
     plot = os.path.join(out, "demo_curves.png")
     _plot(results, kd_steps, plot, f"SALT demo on SOTU: student {p['student_layers']}x{p['student_hidden']}, "
                                    f"teacher {p['teacher_layers']}x{p['teacher_hidden']}")

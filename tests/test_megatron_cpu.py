@@ -42,3 +42,29 @@ def test_gpt_model_tp2_forward_backward_on_cpu():
         # GPTModel returns the vocab-parallel logits transposed to [b, s, padded_vocab / TP]
         assert r["logits_shape"] == (3, 16, r["padded"] // 2)
     assert r0["qkv_weight_sum"] != r1["qkv_weight_sum"]
+
+
+def test_a_missing_private_name_fails_at_import_with_one_line_naming_the_version():
+    """Every patch of a megatron-core internal checks the name first: a release without it fails at
+    `import salt_megatron` with one line naming the installed megatron-core, not deep inside a training step."""
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    code = ("import megatron.core.tensor_parallel.random as r; del r._get_cuda_rng_state; import salt_megatron")
+    env = dict(__import__("os").environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "MegatronCoreIncompatible" in last and f"megatron-core {version('megatron-core')}" in last
+    assert "_get_cuda_rng_state" in last and "supported: megatron-core 0.16-0.19" in last
+
+
+def test_patches_are_applied_once_by_the_package_and_nowhere_else():
+    """`import salt_megatron` applies them; no other module of the package calls the entry point again."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "salt_megatron"
+    callers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                     if "ensure_megatron_runs_here()" in p.read_text() and p.parent.name != "compat")
+    assert callers == ["__init__.py"], callers

@@ -225,3 +225,23 @@ def test_refuses_extra_validation_set_of_another_tokenizer(corpus, tmp_path):
     msg = _refusal(["--data-path", corpus, *STUDENT, "--train-iters", "2", "--extra-valid-data-path",
                     f"other={tmp_path / 'other'}_train"])
     assert "tokenized with another tokenizer" in msg
+
+
+def _unchanged_flags_worker(rank, world_size, argv):
+    import copy
+
+    from salt_megatron.training.arguments import build_pretrain_parser, parse_with_config, validate_pretrain_args
+    from salt_megatron.training.loop import pretrain as run_pretrain
+
+    args = validate_pretrain_args(parse_with_config(build_pretrain_parser(), argv), world_size=world_size)
+    before = copy.deepcopy(vars(args))
+    history = run_pretrain(args)
+    return before == vars(args), len(history["train"])
+
+
+def test_flags_are_not_changed_after_validation(corpus, teacher_dir):
+    """The run reads the typed config built from the validated flags; nothing writes back into the namespace."""
+    unchanged, steps = run_workers(_unchanged_flags_worker, 1, [
+        "--data-path", corpus, *STUDENT, "--train-iters", "2", "--eval-iters", "1", "--teacher-load", teacher_dir,
+        "--kd-steps", "1"])[0]
+    assert unchanged and steps == 2

@@ -61,7 +61,6 @@ class SelectedWindows:
             if cache:
                 with atomic_files(cache) as (tmp,):
                     np.save(tmp, self.selected)
-        self.selected_scores = np.asarray(column)[self.selected]
         self._perm_epoch, self._perm = None, None
 
     def __len__(self) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 
 from salt_megatron.experiment.analysis import (EVAL_SETS, first_reach, mean_curves, mean_std, summarise,
                                                train_seconds, verdict_word)
-from salt_megatron.files import write_text_atomically
+from salt_megatron.files import atomic_files, write_text_atomically
 
 COLORS = {"baseline": "black", "salt_step20": "tab:blue", "salt_ds": "tab:green", "rkd": "tab:red",
           "salt_step10": "tab:cyan", "salt_step40": "tab:purple", "salt_linear": "tab:orange"}
@@ -69,7 +69,8 @@ def _figure(panel, title: str, ylabel: str, path: str) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_files(path) as (tmp,):
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 

@@ -1,0 +1,65 @@
+"""pretrain's flags: the typed SALT config built from them, renamed flags, and validation through the KD op's
+own rules (one place for ω and τ)."""
+
+from __future__ import annotations
+
+import pytest
+
+from salt_megatron.config import BatchConfig, KDDataSelection, SaltConfig
+from salt_megatron.training.arguments import build_pretrain_parser, parse_with_config, validate_pretrain_args
+
+
+def _args(*argv, world_size=1):
+    args = parse_with_config(build_pretrain_parser(), ["--data-path", "unused", *argv])
+    return validate_pretrain_args(args, world_size=world_size)
+
+
+def test_salt_config_from_flags():
+    args = _args("--train-iters", "10", "--teacher-load", "t", "--kd-steps", "3", "--kd-weight", "0.4",
+                 "--kd-temperature", "2", "--kd-transition", "linear", "--kd-no-temperature-squared",
+                 "--kd-impl", "torch", "--kd-data-selection", "band", "--kd-select-fraction", "0.3",
+                 "--kd-select-by", "mean_loss", "--kd-scored-data-path", "other")
+    salt = SaltConfig.from_args(args)
+    assert salt.uses_teacher and salt.teacher_load == "t" and salt.temperature == 2.0
+    assert salt.schedule.kd_steps == 3 and salt.schedule.transition == "linear"
+    assert salt.kd_weight(0) == pytest.approx(0.4) and salt.kd_weight(3) == 0.0 and not salt.teacher_needed(3)
+    assert not salt.scale_kd_by_temperature_squared and salt.kernel_impl == "torch" and salt.fuse_ce_with_kd
+    assert salt.data_selection == KDDataSelection(mode="band", fraction=0.3, skip_fraction=0.02,
+                                                  select_by="mean_loss", scored_data_path="other")
+    with pytest.raises(AttributeError):  # frozen
+        salt.temperature = 1.0
+
+
+def test_baseline_config_has_no_teacher():
+    salt = SaltConfig.from_args(_args())
+    assert not salt.uses_teacher and salt.kd_weight(0) == 0.0 and not salt.teacher_needed(0)
+    assert salt.data_selection is None
+
+
+def test_batch_config():
+    batch = BatchConfig.from_args(_args("--micro-batch-size", "2", "--global-batch-size", "8", world_size=2))
+    assert (batch.data_parallel_size, batch.num_microbatches) == (2, 2)
+    with pytest.raises(ValueError, match="not a multiple"):
+        BatchConfig(micro_batch_size=2, global_batch_size=6, data_parallel_size=2, seq_length=8)
+
+
+@pytest.mark.parametrize("old, new", [("--kd-score", "--kd-select-by"), ("--kd-scores", "--kd-scored-data-path")])
+def test_renamed_flags_say_their_new_name(old, new, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        _args(old, "salt")
+    assert f"{old} was renamed {new}" in capsys.readouterr().err
+    config = tmp_path / "run.yaml"
+    config.write_text(f"{old.lstrip('-')}: salt\n")
+    with pytest.raises(SystemExit):
+        _args("--config", str(config))
+    assert f"was renamed {new.lstrip('-')}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kd-weight", "1.5"], "--kd-weight must be in [0, 1], got 1.5"),
+    (["--kd-temperature", "0"], "--kd-temperature must be > 0, got 0.0"),
+])
+def test_omega_and_tau_are_checked_by_the_kd_ops_rules(flags, message):
+    with pytest.raises(SystemExit) as e:
+        _args("--train-iters", "4", "--teacher-load", "t", "--kd-steps", "2", *flags)
+    assert message in str(e.value)
