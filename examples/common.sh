@@ -19,6 +19,8 @@
 #   salt_extra_args           args += EXTRA_ARGS, split on whitespace (last: it wins over everything before)
 #   salt_pretrain_args OPT... args += the `pretrain` flags read from the environment (OPT: --kd, --pp)
 #   salt_exec CMD...          print the command (+ ...) to stderr, then exec it
+#   salt_check WORLD SUB ARGS... `salt_megatron.cli SUB --check-only ARGS` in one process: a bad flag or input file
+#                             ends the launcher with the command's one-line error before any rank starts
 #   salt_torchrun SUB ARGS... exec `salt_megatron.cli SUB ARGS...` under torchrun, one torchrun per node
 
 # PYTHON [python3], SMOKE (from SALT_SMOKE) [0] and WORKDIR (from SALT_WORKDIR) [$PWD/runs; smoke: $PWD/runs/smoke].
@@ -180,9 +182,21 @@ salt_exec() {
   exec "$@"
 }
 
+# salt_check WORLD_SIZE SUBCOMMAND ARGS...: check the flags, input files and checkpoints of the run in one process, as
+# the run's WORLD_SIZE ranks would.  A refusal is one line on stderr and exit code 2, with no launcher output around
+# it; nothing is started.
+salt_check() {
+  local world=$1
+  shift
+  local sub=$1
+  shift
+  WORLD_SIZE="$world" "$PYTHON" -m salt_megatron.cli "$sub" --check-only "$@" > /dev/null
+}
+
 # salt_torchrun SUBCOMMAND ARGS...: `salt_megatron.cli SUBCOMMAND ARGS...` under torchrun: GPUS_PER_NODE processes on
-# this node (NODE_RANK of NNODES), rendezvous at MASTER_ADDR:MASTER_PORT.  Does not return.
+# this node (NODE_RANK of NNODES), rendezvous at MASTER_ADDR:MASTER_PORT, after salt_check.  Does not return.
 salt_torchrun() {
+  salt_check "$((NNODES * GPUS_PER_NODE))" "$@" || exit $?
   salt_exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
     --nproc-per-node "$GPUS_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
     -m salt_megatron.cli "$@"

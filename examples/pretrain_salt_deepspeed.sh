@@ -94,6 +94,7 @@ launcher+=(--num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE" --master_port "$MAS
 if [[ -n "${MASTER_ADDR:-}" ]]; then
   launcher+=(--master_addr "$MASTER_ADDR")
 fi
+salt_check "$((NNODES * GPUS_PER_NODE))" pretrain "${args[@]}" || exit $?
 cmd=("${launcher[@]}" --no_local_rank --module salt_megatron.cli pretrain "${args[@]}")
 echo "+ ${cmd[*]}" >&2
 "${cmd[@]}"  # not exec: the EXIT trap removes the smoke run's temporary JSON

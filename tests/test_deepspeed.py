@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from salt_megatron.errors import UsageError
 from tests.conftest import STUDENT, pretrain
 
 pytest.importorskip("deepspeed")
@@ -41,11 +42,11 @@ def test_json_and_flags_must_agree(corpus, tmp_path):
     from salt_megatron.training.loop import main
 
     argv = ["--data-path", corpus, *STUDENT, "--train-iters", "2", "--deepspeed", "--deepspeed-config"]
-    with pytest.raises(SystemExit, match="train_micro_batch_size_per_gpu = 4 contradicts --micro-batch-size"):
+    with pytest.raises(UsageError, match="train_micro_batch_size_per_gpu = 4 contradicts --micro-batch-size"):
         main([*argv, _ds_config(tmp_path, 1, train_micro_batch_size_per_gpu=4)])
-    with pytest.raises(SystemExit, match="ZeRO stage 3"):
+    with pytest.raises(UsageError, match="ZeRO stage 3"):
         main([*argv, _ds_config(tmp_path, 3)])
-    with pytest.raises(SystemExit, match="--bf16 is set but"):
+    with pytest.raises(UsageError, match="--bf16 is set but"):
         main([*argv, _ds_config(tmp_path, 1), "--bf16"])
-    with pytest.raises(SystemExit, match="defines a scheduler"):
+    with pytest.raises(UsageError, match="defines a scheduler"):
         main([*argv, _ds_config(tmp_path, 2, scheduler={"type": "WarmupLR"})])

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from salt_megatron.errors import SaltError
 from tests.conftest import STUDENT, pretrain
 from tests.dist_utils import run_workers
 
@@ -260,5 +261,5 @@ def test_selection_refuses_a_sidecar_of_another_seq_length(scored, teacher_dir):
     argv = ["--data-path", prefix, *STUDENT, "--train-iters", "4", "--teacher-load", teacher_dir, "--kd-steps", "2",
             "--kd-data-selection", "top"]
     argv[argv.index("--seq-length") + 1] = "16"
-    with pytest.raises(SystemExit, match="seq-length 32"):
+    with pytest.raises(SaltError, match="seq-length 32"):
         main(argv)

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 
+import numpy as np
 import torch
+
+from salt_megatron.errors import DataError, MissingFile
 
 
 def _dataset_exists(prefix: str) -> bool:
@@ -19,8 +23,47 @@ def _dataset_exists(prefix: str) -> bool:
 def _require_dataset(prefix: str, what: str) -> str:
     for path in (prefix + ".bin", prefix + ".idx"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{what} indexed dataset {prefix!r} is incomplete: missing {path}")
+            raise MissingFile(f"{what} indexed dataset {prefix!r} is incomplete: missing {path}")
     return prefix
+
+
+_INDEX_HEAD = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count (34 bytes)
+
+
+def check_indexed_dataset(prefix: str) -> None:
+    """Refuse, before anything reads it, an indexed dataset whose ``.idx`` is not one or whose ``.bin`` is shorter
+    than the ``.idx`` says (a copy cut short, a disk that filled up): a truncated ``.bin`` would otherwise be read
+    past its end, or as garbage, in the middle of training."""
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
+    idx, binary = _require_dataset(prefix, "the") + ".idx", prefix + ".bin"
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(_INDEX_HEAD.size)
+    if len(head) < _INDEX_HEAD.size or head[:9] != _INDEX_HEADER:
+        raise DataError(f"{idx} is not a Megatron indexed-dataset index (bad header): re-run `salt-megatron "
+                        "prepare` for it")
+    _, version, code, sequences, documents = _INDEX_HEAD.unpack(head)
+    try:
+        itemsize = DType.size(DType.dtype_from_code(code))
+    except (KeyError, ValueError, TypeError):
+        itemsize = None
+    if version != 1 or itemsize is None:
+        raise DataError(f"{idx} is not a Megatron indexed-dataset index (version {version}, token dtype code {code}): "
+                        "re-run prepare for it")
+    needed = _INDEX_HEAD.size + sequences * (4 + 8) + documents * 8
+    if size < needed:
+        raise DataError(f"{idx} is truncated ({size} bytes; its header needs {needed}): re-run prepare")
+    if sequences:
+        lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=_INDEX_HEAD.size, shape=(sequences,))
+        pointers = np.memmap(idx, dtype=np.int64, mode="r", offset=_INDEX_HEAD.size + 4 * sequences,
+                             shape=(sequences,))
+        end = int(pointers[-1]) + int(lengths[-1]) * itemsize
+        if int(pointers[0]) != 0 or int(lengths[-1]) < 0 or end < 0:
+            raise DataError(f"{idx} is damaged (its document pointers make no sense): re-run prepare")
+        if end > os.path.getsize(binary):
+            raise DataError(f"{binary} is shorter than {idx} says ({os.path.getsize(binary)} bytes; its last "
+                            f"document ends at byte {end}): the dataset is truncated; re-run prepare")
 
 
 def _strip_suffix(prefix):
@@ -38,7 +81,7 @@ def resolve_data_prefixes(data_path=None, train_data_path=None, valid_data_path=
     """
     data_path, train_data_path, valid_data_path = map(_strip_suffix, (data_path, train_data_path, valid_data_path))
     if not (data_path or train_data_path):
-        raise ValueError("no training data: give data_path or train_data_path")
+        raise DataError("no training data: give data_path or train_data_path")
     train, valid = None, None
     if data_path:
         if _dataset_exists(data_path + "_train"):
@@ -49,7 +92,7 @@ def resolve_data_prefixes(data_path=None, train_data_path=None, valid_data_path=
         elif not train_data_path:
             missing = [p for p in (data_path + "_train.bin", data_path + "_train.idx", data_path + ".bin",
                                    data_path + ".idx") if not os.path.isfile(p)]
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"no indexed dataset at data path {data_path!r}: looked for {data_path}_train.bin/.idx (prepare's "
                 f"output) and {data_path}.bin/.idx; missing {', '.join(missing)}"
             )
@@ -75,9 +118,9 @@ def build_gpt_datasets(train_prefix, valid_prefix, tokenizer, *, seq_length, see
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    _require_dataset(train_prefix, "training")
-    if valid_prefix is not None:
-        _require_dataset(valid_prefix, "validation")
+    for prefix in (train_prefix, valid_prefix):
+        if prefix is not None:
+            check_indexed_dataset(prefix)
     if cache_dir is None:
         cache_dir = os.path.join(os.path.dirname(os.path.abspath(train_prefix)), "cache")
     config = GPTDatasetConfig(

@@ -14,7 +14,7 @@ half-written files under the final names.
 
 from __future__ import annotations
 
-import argparse
+import collections
 import json
 import multiprocessing
 import os
@@ -25,41 +25,48 @@ import numpy as np
 
 from salt_megatron.data.tokenizer import iter_documents, load_tokenizer, sentencepiece_model_bytes, tokenizer_hash
 from salt_megatron.files import atomic_files
+from salt_megatron.errors import ArgumentParser, DataError
 
 _CHUNK_DOCS = 32  # documents per pool task: big enough to amortise IPC, small enough for a smooth progress bar
 
 
 def _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, valid_fraction):
     if (vocab_size is None) == (tokenizer_model is None):
-        raise ValueError("give exactly one of vocab_size (train a tokenizer) or tokenizer_model (use one)")
+        raise DataError("give exactly one of vocab_size (train a tokenizer) or tokenizer_model (use one)")
     if vocab_size is not None and vocab_size <= 0:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
-    if tokenizer_model is not None and not os.path.isfile(tokenizer_model):
-        raise ValueError(f"tokenizer model not found: {tokenizer_model}")
+        raise DataError(f"vocab_size must be positive, got {vocab_size}")
+    if tokenizer_model is not None:
+        load_tokenizer(tokenizer_model)  # refuses a missing file or one that is no SentencePiece model, by name
     if not inputs:
-        raise ValueError("no input files given")
+        raise DataError("no input files given")
     if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+        raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     if valid_inputs and valid_fraction > 0:
-        raise ValueError("give either valid_inputs or valid_fraction, not both")
+        raise DataError("give either valid_inputs or valid_fraction, not both")
     for path in list(inputs) + list(valid_inputs or []):
         if not os.path.isfile(path):
-            raise ValueError(f"input file not found: {path}")
+            raise DataError(f"input file not found: {path}")
         if os.path.getsize(path) == 0:
-            raise ValueError(f"input file is empty: {path}")
+            raise DataError(f"input file is empty: {path}")
     if not output_prefix:
-        raise ValueError("output_prefix is empty")
+        raise DataError("output_prefix is empty")
 
 
-def _count_documents(paths, json_key, split_lines):
-    """First pass: parse everything (so malformed input fails before any work) and count documents per file."""
+def _count_documents(paths, json_key, split_lines, skipped):
+    """First pass: parse everything (so malformed input fails before any work) and count documents per file;
+    what is skipped (empty documents, lines that are not UTF-8) is counted in ``skipped``."""
     counts = []
     for path in paths:
-        n = sum(1 for _ in iter_documents(path, json_key, split_lines))
+        n = sum(1 for _ in iter_documents(path, json_key, split_lines, skipped))
         if n == 0:
-            raise ValueError(f"input file has no documents: {path}")
+            raise DataError(f"input file has no documents: {path}" + (
+                f" (skipped: {_skipped_text(skipped)})" if skipped else ""))
         counts.append(n)
     return counts
+
+
+def _skipped_text(skipped) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
 
 
 # --- tokenisation workers: the tokenizer is loaded once per process ---------------------------------------------
@@ -135,8 +142,9 @@ def prepare(
 
     inputs, valid_inputs = list(inputs), list(valid_inputs or [])
     _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, valid_fraction)
-    train_counts = _count_documents(inputs, json_key, split_lines)
-    valid_counts = _count_documents(valid_inputs, json_key, split_lines)
+    skipped = collections.Counter()
+    train_counts = _count_documents(inputs, json_key, split_lines, skipped)
+    valid_counts = _count_documents(valid_inputs, json_key, split_lines, skipped)
     n_inputs = sum(train_counts)
 
     # Which input documents go to validation (by running document number over all inputs).
@@ -144,7 +152,7 @@ def prepare(
     if valid_fraction > 0:
         n_valid = max(1, round(n_inputs * valid_fraction))
         if n_valid >= n_inputs:
-            raise ValueError(f"valid_fraction={valid_fraction} leaves no training documents out of {n_inputs}")
+            raise DataError(f"valid_fraction={valid_fraction} leaves no training documents out of {n_inputs}")
         valid_docs = set(np.random.default_rng(seed).choice(n_inputs, n_valid, replace=False).tolist())
     valid_requested = bool(valid_inputs) or bool(valid_docs)
 
@@ -198,6 +206,7 @@ def prepare(
             "dtype": np.dtype(dtype).name,
             "train": None,
             "valid": None,
+            "skipped": dict(skipped),
         }
         for split in builders:
             prefix = f"{output_prefix}_{split}"
@@ -220,7 +229,7 @@ def prepare(
 
 def main(argv=None) -> dict:
     """CLI with Megatron's ``preprocess_data.py`` flag names where they exist."""
-    p = argparse.ArgumentParser(prog="salt-megatron prepare", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="salt-megatron prepare", description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl/.json or text files")
     p.add_argument("--valid-input", nargs="+", default=None, metavar="FILE", help="validation documents")
     p.add_argument("--valid-fraction", type=float, default=0.0, help="random fraction of documents for validation")
@@ -234,20 +243,19 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-append-eod", dest="append_eod", action="store_false")
     args = p.parse_args(argv)
-    try:
-        result = prepare(
-            args.input, args.output_prefix, vocab_size=args.vocab_size, tokenizer_model=args.tokenizer_model,
-            valid_inputs=args.valid_input, valid_fraction=args.valid_fraction, seed=args.seed,
-            workers=args.workers, json_key=args.json_keys, append_eod=args.append_eod, split_lines=args.split_lines,
-        )
-    except ValueError as err:
-        p.error(str(err))
+    result = prepare(
+        args.input, args.output_prefix, vocab_size=args.vocab_size, tokenizer_model=args.tokenizer_model,
+        valid_inputs=args.valid_input, valid_fraction=args.valid_fraction, seed=args.seed,
+        workers=args.workers, json_key=args.json_keys, append_eod=args.append_eod, split_lines=args.split_lines,
+    )
     print(f"tokenizer {result['tokenizer_model']}  vocab {result['vocab_size']}  "
           f"sha256 {result['tokenizer_hash'][:12]}")
     for split in ("train", "valid"):
         if result[split]:
             s = result[split]
             print(f"{split:5s} {s['prefix']}.bin/.idx  {s['documents']} documents  {s['tokens']} tokens")
+    if result["skipped"]:
+        print(f"skipped {_skipped_text(result['skipped'])}")
     print(f"summary {result['summary']}")
     return result
 

@@ -29,6 +29,7 @@ import os
 
 import numpy as np
 
+from salt_megatron.errors import DataError, MissingFile
 from salt_megatron.files import atomic_files
 
 MAGIC = "SALT_MEGATRON_SCORES"
@@ -37,7 +38,7 @@ SCORE_NAMES = ("salt", "mean_loss", "topk_fraction")
 NO_LEARNABLE_TOKEN = -1.0
 
 
-class SidecarMismatch(ValueError):
+class SidecarMismatch(DataError):
     """A sidecar that does not belong to this dataset / sequence length."""
 
 
@@ -104,10 +105,13 @@ def load_sidecar(prefix: str, *, seq_length: int | None = None, check_dataset: b
     if not os.path.isfile(paths["header"]):
         hint = " (scoring was interrupted: rerun `salt-megatron score` to finish it)" \
             if os.path.isdir(paths["partial"]) else " (run `salt-megatron score` first)"
-        raise FileNotFoundError(f"no SALT score sidecar {paths['header']}{hint}")
-    with open(paths["header"]) as f:
-        header = json.load(f)
-    if header.get("magic") != MAGIC or header.get("version") != VERSION:
+        raise MissingFile(f"no SALT score sidecar {paths['header']}{hint}")
+    try:
+        with open(paths["header"]) as f:
+            header = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SidecarMismatch(f"{paths['header']} is not valid JSON ({e}): rerun `salt-megatron score`") from None
+    if not isinstance(header, dict) or header.get("magic") != MAGIC or header.get("version") != VERSION:
         raise SidecarMismatch(f"{paths['header']} is not a salt_megatron score sidecar of version {VERSION}")
     if check_dataset:
         idx_hash = file_sha256(prefix + ".idx")
@@ -121,8 +125,12 @@ def load_sidecar(prefix: str, *, seq_length: int | None = None, check_dataset: b
             f"the score sidecar {paths['header']} scored windows of --seq-length {header['seq_length']}, this run "
             f"uses {seq_length}: rescore with `salt-megatron score --seq-length {seq_length}`"
         )
-    samples = np.load(paths["samples"], mmap_mode="r")
-    documents = np.load(paths["documents"], mmap_mode="r")
+    try:
+        samples = np.load(paths["samples"], mmap_mode="r")
+        documents = np.load(paths["documents"], mmap_mode="r")
+    except (OSError, ValueError) as e:  # missing, truncated or not .npy
+        raise SidecarMismatch(f"the score arrays beside {paths['header']} cannot be read ({e}): rerun "
+                              "`salt-megatron score`") from None
     if samples.shape != (header["num_windows"], len(SCORE_NAMES)):
         raise SidecarMismatch(f"{paths['samples']} has shape {samples.shape}, the header says "
                               f"({header['num_windows']}, {len(SCORE_NAMES)})")

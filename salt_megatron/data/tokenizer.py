@@ -14,10 +14,12 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections import OrderedDict
 
 from megatron.core.tokenizers.text.models import GPTTokenizer
 
+from salt_megatron.errors import DataError, MissingFile
 from salt_megatron.files import write_bytes_atomically
 
 UNK_ID, BOS_ID, EOD_ID, PAD_ID = 0, 1, 2, 3
@@ -29,34 +31,70 @@ def is_jsonl(path: str) -> bool:
     return path.lower().endswith(JSON_EXTENSIONS)
 
 
-def iter_documents(path: str, json_key: str = "text", split_lines: bool = False):
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+SKIPPED_EMPTY = "empty documents"
+SKIPPED_NOT_UTF8 = "lines that are not valid UTF-8"
+
+
+def iter_documents(path: str, json_key: str = "text", split_lines: bool = False, skipped=None):
     """Yield the documents of one input file, skipping whitespace-only ones.
 
     JSONL: one document per line (text under ``json_key``).  Plain text: the whole file is one document, or each
     non-empty line is one with ``split_lines``.  Shared by tokenizer training and ``prepare`` so that both see the
-    same documents.
+    same documents.  Skipped, and counted in ``skipped`` (a ``collections.Counter``) when given: empty documents,
+    and lines (of a JSONL file, or with ``split_lines``) that are not valid UTF-8.  Refused (DataError, naming the
+    file and line): a JSONL line that is not JSON or lacks a string ``json_key``, and a whole-file document that is
+    not valid UTF-8.
     """
-    with open(path, encoding="utf-8") as f:
-        if is_jsonl(path):
+    def skip(reason):
+        if skipped is not None:
+            skipped[reason] += 1
+
+    # surrogateescape: bytes that are not UTF-8 become lone surrogates, found below, instead of an exception that
+    # would end the whole file (text mode keeps the universal newlines that documents were always split by)
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        if is_jsonl(path) or split_lines:
             for lineno, line in enumerate(f, 1):
+                if _NOT_UTF8.search(line):
+                    skip(SKIPPED_NOT_UTF8)
+                    continue
                 if not line.strip():
+                    continue  # a blank line separates nothing: not a document
+                if not is_jsonl(path):
+                    yield line.rstrip("\n")
                     continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
                 if not isinstance(obj, dict) or not isinstance(obj.get(json_key), str):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a string {json_key!r} field")
+                    raise DataError(f"{path}:{lineno}: expected a JSON object with a string {json_key!r} field "
+                                    "(--json-keys names the field)")
                 if obj[json_key].strip():
                     yield obj[json_key]
-        elif split_lines:
-            for line in f:
-                if line.strip():
-                    yield line.rstrip("\n")
+                else:
+                    skip(SKIPPED_EMPTY)
         else:
             text = f.read()
+            bad = _NOT_UTF8.search(text)
+            if bad:
+                raise DataError(f"{path} is not valid UTF-8 (character {bad.start()}): convert it (iconv -t utf-8), "
+                                "or give one document per line with --split-lines to skip the bad lines")
             if text.strip():
                 yield text
+            else:
+                skip(SKIPPED_EMPTY)
+
+
+_MAX_SENTENCE_BYTES = 1 << 16
+_MAX_TRAINING_CHARS = _MAX_SENTENCE_BYTES // 4  # at most 4 UTF-8 bytes a character
+
+
+def _pieces_sentencepiece_keeps(line: str):
+    """SentencePiece drops a sentence over max_sentence_length bytes: such a line is cut into pieces it keeps."""
+    if len(line.encode("utf-8", "surrogatepass")) <= _MAX_SENTENCE_BYTES:
+        return [line]
+    return [line[i:i + _MAX_TRAINING_CHARS] for i in range(0, len(line), _MAX_TRAINING_CHARS)]
 
 
 def _training_sentences(input_files, json_key, max_sentences):
@@ -65,11 +103,12 @@ def _training_sentences(input_files, json_key, max_sentences):
     SentencePiece's own sampling (``input_sentence_size``) is random; thinning here keeps training deterministic.
     """
     lines = [
-        line
+        piece
         for path in input_files
         for doc in iter_documents(path, json_key)
         for line in doc.split("\n")
         if line.strip()
+        for piece in _pieces_sentencepiece_keeps(line)
     ]
     if max_sentences and len(lines) > max_sentences:
         step = len(lines) / max_sentences
@@ -88,7 +127,7 @@ def train_sentencepiece(
 ) -> str:
     """Train a SentencePiece model on ``input_files`` and save it as ``model_prefix + ".model"``; return that path.
 
-    Raises ValueError (before writing anything) for missing/empty inputs or a vocabulary size the corpus cannot
+    Raises DataError (a ValueError; before writing anything) for missing/empty inputs or a vocabulary size the corpus cannot
     support.
     """
     path = model_prefix + ".model"
@@ -110,10 +149,10 @@ def sentencepiece_model_bytes(
 
     for path in input_files:
         if not os.path.isfile(path):
-            raise ValueError(f"tokenizer input file not found: {path}")
+            raise DataError(f"tokenizer input file not found: {path}")
     lines = _training_sentences(input_files, json_key, max_sentences)
     if not lines:
-        raise ValueError(f"no text to train a tokenizer on in {input_files}")
+        raise DataError(f"no text to train a tokenizer on in {input_files}")
 
     model = io.BytesIO()
     spm.set_random_generator_seed(1234)
@@ -131,11 +170,11 @@ def sentencepiece_model_bytes(
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOD_ID, pad_id=PAD_ID,
             num_threads=1,
             input_sentence_size=0,
-            max_sentence_length=1 << 16,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
             minloglevel=2,
         )
     except RuntimeError as err:
-        raise ValueError(
+        raise DataError(
             f"SentencePiece could not train a {vocab_size}-piece {model_type} vocabulary on {len(lines)} lines "
             f"({err}); choose a vocab size that fits the corpus (at least 256 byte pieces + 4 specials + its "
             f"distinct characters)"
@@ -175,5 +214,9 @@ class SentencePieceGPTTokenizer(GPTTokenizer):
 def load_tokenizer(model_path: str) -> SentencePieceGPTTokenizer:
     """Load a ``.model`` as a tokenizer GPTDataset accepts (``.eod``, ``.vocab_size``, ``.tokenize``, ...)."""
     if not os.path.isfile(model_path):
-        raise FileNotFoundError(f"tokenizer model not found: {model_path}")
-    return SentencePieceGPTTokenizer(model_path)
+        raise MissingFile(f"tokenizer model not found: {model_path}")
+    try:
+        return SentencePieceGPTTokenizer(model_path)
+    except (RuntimeError, OSError) as e:  # sentencepiece's "cannot parse", or an unreadable file
+        raise DataError(f"{model_path} is not a SentencePiece model ({e}): pass the .model file that `prepare` "
+                        "wrote") from None

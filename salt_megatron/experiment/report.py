@@ -14,6 +14,7 @@ import numpy as np
 
 from salt_megatron.experiment.analysis import (EVAL_SETS, first_reach, mean_curves, mean_std, summarise,
                                                train_seconds, verdict_word)
+from salt_megatron.errors import SaltError
 from salt_megatron.files import atomic_files, write_text_atomically
 
 COLORS = {"baseline": "black", "salt_step20": "tab:blue", "salt_ds": "tab:green", "rkd": "tab:red",
@@ -115,7 +116,7 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
     p, iters = preset, preset["student_iters"]
     s = summarise(results, iters)
     if "baseline" not in s:
-        raise SystemExit("salt-megatron experiment: no finished baseline run to compare with")
+        raise SaltError("no finished baseline run to compare with")
     teacher_final = _teacher_final(teacher)
     _plot(results, list(variants), report_dir, teacher_final, iters)
     base = s["baseline"]

@@ -17,7 +17,6 @@ on a rerun, so a killed experiment resumes where it stopped (an unfinished run s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import time
 
 from salt_megatron.demo import cli_command, model_flags, read_metrics, run_stage
 from salt_megatron.files import write_text_atomically
+from salt_megatron.errors import ArgumentParser, UsageError
 
 # the method's knobs, the same in every preset: ω0, τ, and the share of windows SALT_DS keeps
 _SALT_KNOBS = dict(kd_weight=0.5, kd_temperature=1.0, select_fraction=0.3)
@@ -192,7 +192,7 @@ def _train_student(out: str, p: dict, prefix: str, eval_flags: list[str], name: 
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="salt-megatron experiment", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="salt-megatron experiment", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="experiment_out", help="working directory (reruns skip finished runs)")
     ap.add_argument("--report-dir", default=None, help="where report.md and the PNGs go (default: OUT/report)")
     preset = ap.add_mutually_exclusive_group()
@@ -213,8 +213,7 @@ def main(argv=None) -> None:
         with open(plan_file) as f:
             earlier = json.load(f)
         if earlier["preset"] != p:
-            raise SystemExit(f"salt-megatron experiment: {out} holds runs of another preset "
-                             f"({earlier['name']}); use another --out")
+            raise UsageError(f"{out} holds runs of another preset ({earlier['name']}); use another --out")
     else:
         _atomic_json(plan_file, {"name": preset_name, "preset": p})
 

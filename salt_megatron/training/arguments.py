@@ -17,6 +17,7 @@ from salt_megatron.distributed import data_parallel_size
 from salt_megatron.kd.checks import check_kd_weight, check_temperature
 from salt_megatron.kd.select import IMPLS as KD_IMPLS
 from salt_megatron.schedule import TRANSITIONS
+from salt_megatron.errors import ArgumentParser, UsageError, one_line
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,9 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                    help="default: nccl with CUDA, gloo without")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+    g.add_argument("--check-only", action="store_true",
+                   help="check the flags, input files and checkpoints, then exit without starting (the launchers in "
+                        "examples/ run this once before starting every rank)")
     g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                    help="set by the deepspeed launcher; LOCAL_RANK from the environment is used otherwise")
 
@@ -88,6 +92,18 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save", default=None, help="checkpoint directory to write")
     g.add_argument("--load", default=None, help="checkpoint directory to resume from (latest complete one)")
     g.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
+    g = p.add_argument_group("resuming with other settings than the checkpoint's (each is refused by default)")
+    g.add_argument("--override-salt-schedule", action="store_true",
+                   help="accept another teacher, ω, n_KD, transition or τ than the checkpoint's")
+    g.add_argument("--override-data", action="store_true",
+                   help="accept other data, seed, global batch size or KD-phase selection than the checkpoint's")
+    lr = g.add_mutually_exclusive_group()
+    lr.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                    dest="override_opt_param_scheduler", action="store_true",
+                    help="the LR flags replace the checkpoint's LR schedule (Megatron-LM's flag)")
+    lr.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                    dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                    help="keep the checkpoint's LR schedule whatever the LR flags say (Megatron-LM's flag)")
 
 
 def add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -140,7 +156,7 @@ class _Renamed(argparse.Action):
 
 
 def build_pretrain_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="salt-megatron pretrain",
         description="Pretrain a GPT model on megatron-core; with --teacher-load, SALT (KD from a small LM first).",
     )
@@ -153,14 +169,17 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
 
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse ``argv``; a ``--config`` YAML file supplies defaults for any flag it names."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:
         if not os.path.isfile(known.config):
             parser.error(f"--config {known.config}: no such file")
-        with open(known.config) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(known.config, encoding="utf-8") as f:
+                values = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            parser.error(f"--config {known.config}: not valid YAML ({one_line(str(e))})")
         if not isinstance(values, dict):
             parser.error(f"--config {known.config}: expected a mapping of flag names to values")
         dests = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
@@ -284,7 +303,7 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
     if args.save_interval is not None and args.save is None:
         errors.append("--save-interval needs --save")
     if errors:
-        raise SystemExit("salt-megatron pretrain: " + "; ".join(errors))
+        raise UsageError("; ".join(errors))
     return args
 
 

@@ -40,6 +40,9 @@ def build_lr_scheduler(optimizer, args):
         lr_decay_steps=args.lr_decay_iters * args.global_batch_size, lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters * args.global_batch_size,
         wd_incr_style="constant",
+        # a resume checks the LR flags against the checkpoint first (training.consistency); here the flags win only
+        # when --override-opt_param-scheduler says so
+        use_checkpoint_opt_param_scheduler=True, override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
 
 

@@ -21,6 +21,7 @@ from salt_megatron.distributed import compute_device, data_parallel_size, to_dev
 from salt_megatron.kd import salt_loss
 from salt_megatron.model import GPTArchitecture, causal_attention_mask
 from salt_megatron.training.arguments import add_data_args, add_parallel_args, parse_with_config
+from salt_megatron.errors import ArgumentParser, DataError
 
 
 def evaluate(model, dataset, batch: BatchConfig, eval_iters: int) -> dict | None:
@@ -105,7 +106,7 @@ def model_fingerprint(model, arch: GPTArchitecture) -> list | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="salt-megatron evaluate",
+    p = ArgumentParser(prog="salt-megatron evaluate",
                                 description="Validation loss and perplexity of a checkpoint on an indexed dataset.")
     p.add_argument("--config", default=None)
     p.add_argument("--load", required=True, help="checkpoint directory (run dir or one iter_* dir)")
@@ -135,7 +136,14 @@ def evaluate_checkpoint(args) -> dict | None:
     prefix = valid_prefix if args.split == "valid" and valid_prefix else train_prefix
     tokenizer = load_tokenizer(args.tokenizer_model or meta["tokenizer_model"])
     if tokenizer.hash != meta["tokenizer_hash"]:
-        raise SystemExit("salt-megatron evaluate: the tokenizer differs from the checkpoint's")
+        raise DataError(f"the tokenizer {tokenizer.model_path} differs from the one {meta['path']} was trained with "
+                        f"({meta.get('tokenizer_model')}): pass that one with --tokenizer-model")
+    from salt_megatron.data.gpt_data import check_indexed_dataset
+
+    check_indexed_dataset(prefix)
+    if args.check_only:
+        print(f"salt-megatron evaluate: the checks passed ({meta['path']} on {prefix})")
+        return None
     dp = data_parallel_size(world_size_from_launcher(), args.tensor_model_parallel_size,
                             args.pipeline_model_parallel_size)
     batch = BatchConfig(micro_batch_size=args.micro_batch_size,

@@ -35,6 +35,8 @@ def checkpoint_meta(run: Run) -> dict:
         "fingerprint": from_last_rank(model_fingerprint(run.backend.model, run.arch)),
         "init_fingerprint": run.init_fingerprint,
         "params_dtype": str(params_dtype(args)),
+        "run_record": run.record,
+        "overrides": run.overrides,
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
 
@@ -99,8 +101,16 @@ def main_returning(argv=None) -> dict:
     """Parse, check and run; returns the run's history (train/eval metrics per step) for scripts and tests."""
     from salt_megatron.distributed import world_size_from_launcher
 
+    from salt_megatron.config import SaltConfig
+    from salt_megatron.training.setup import check_inputs
+
     args = parse_with_config(build_pretrain_parser(), argv)
     validate_pretrain_args(args, world_size=world_size_from_launcher())
+    if args.check_only:
+        inputs = check_inputs(args, SaltConfig.from_args(args))
+        print(f"salt-megatron pretrain: the checks passed (data {inputs.train_prefix}, "
+              + (f"resuming {inputs.resume_meta['path']})" if inputs.resume_meta else "a fresh start)"))
+        return {"train": [], "eval": []}
     return pretrain(args)
 
 

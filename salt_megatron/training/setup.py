@@ -17,9 +17,12 @@ import torch
 from salt_megatron import checkpointing
 from salt_megatron.config import BatchConfig, SaltConfig
 from salt_megatron.distributed import initialize_distributed
+from salt_megatron.data import scores
+from salt_megatron.errors import DataError
 from salt_megatron.model import GPTArchitecture, build_gpt_model, pad_vocab_size, whole_model_process_groups
 from salt_megatron.training.arguments import params_dtype
 from salt_megatron.training.backends import DeepSpeedBackend, MegatronBackend, build_lr_scheduler
+from salt_megatron.training.consistency import check_resume, run_record
 from salt_megatron.training.evaluate import model_fingerprint
 from salt_megatron.training.metrics import MetricsWriter
 from salt_megatron.training.state import Data, Run, TrainState
@@ -36,14 +39,12 @@ class Inputs:
     resume_meta: dict | None  # the checkpoint to resume from
     teacher_meta: dict | None  # the teacher's checkpoint metadata (checked against the student)
     sidecar: tuple | None  # SALT_DS: (header, window scores, document scores) of the score sidecar
+    record: dict  # what this run is, as a checkpoint records it (training.consistency.run_record)
+    overrides: list  # changes against the resumed checkpoint that an override flag accepted
 
     @property
     def start_step(self) -> int:
         return int(self.resume_meta["step"]) if self.resume_meta else 0
-
-
-def _refuse(message: str):
-    raise SystemExit(f"salt-megatron: refusing to start: {message}")
 
 
 def _prepared_tokenizer_hash(prefix: str) -> str | None:
@@ -61,7 +62,7 @@ def _default_tokenizer(args, train_prefix: str) -> str:
     for c in candidates:
         if os.path.isfile(c):
             return c
-    raise SystemExit(f"salt-megatron: no tokenizer: pass --tokenizer-model (looked for {', '.join(candidates)})")
+    raise DataError(f"no tokenizer: pass --tokenizer-model (looked for {', '.join(candidates)})")
 
 
 def student_architecture(args, vocab_size: int) -> GPTArchitecture:
@@ -79,45 +80,43 @@ def student_architecture(args, vocab_size: int) -> GPTArchitecture:
 
 def check_inputs(args, salt: SaltConfig) -> Inputs:
     """Data files, tokenizer, resume point, teacher metadata and score sidecar: cheap, nothing is built."""
-    from salt_megatron.data.gpt_data import resolve_data_prefixes
+    from salt_megatron.data.gpt_data import check_indexed_dataset, resolve_data_prefixes
     from salt_megatron.data.tokenizer import load_tokenizer
     from salt_megatron.teacher import check_teacher_checkpoint
 
-    try:
-        train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path,
-                                                           args.valid_data_path)
-    except (FileNotFoundError, ValueError) as e:
-        _refuse(str(e))
+    train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path, args.valid_data_path)
+    for prefix in (train_prefix, valid_prefix, *args.extra_valid.values()):
+        if prefix is not None:
+            check_indexed_dataset(prefix)
     tokenizer = load_tokenizer(args.tokenizer_model or _default_tokenizer(args, train_prefix))
     arch = student_architecture(args, tokenizer.vocab_size)
-    resume_meta = None
-    if args.load:
-        try:
-            resume_meta = checkpointing.read_meta(args.load)
-        except checkpointing.CheckpointError:
-            resume_meta = None  # nothing to resume from yet: start fresh (Megatron's behaviour)
-        if resume_meta is not None and resume_meta.get("tokenizer_hash") != tokenizer.hash:
-            raise SystemExit(f"salt-megatron: refusing to resume from {resume_meta['path']}: another tokenizer")
+    # nothing to resume (no --load directory yet, or an empty one) starts fresh, as Megatron-LM does; a directory
+    # that holds something it cannot follow is refused (find_latest_checkpoint)
+    latest = checkpointing.find_latest_checkpoint(args.load) if args.load else None
+    resume_meta = checkpointing.read_meta(latest) if latest else None
     teacher_meta = None
     if salt.uses_teacher:
         teacher_meta = check_teacher_checkpoint(salt.teacher_load, tokenizer_hash=tokenizer.hash,
                                                 padded_vocab_size=arch.padded_vocab_size)
     sidecar = None
     if salt.data_selection is not None:
-        from salt_megatron.data import scores
-
-        try:
-            sidecar = scores.load_sidecar(salt.data_selection.scored_data_path or train_prefix,
-                                          seq_length=args.seq_length)
-        except (FileNotFoundError, scores.SidecarMismatch) as e:
-            _refuse(str(e))
+        sidecar = scores.load_sidecar(salt.data_selection.scored_data_path or train_prefix, seq_length=args.seq_length)
         if sidecar[0].get("tokenizer_hash") != tokenizer.hash:
-            _refuse("the score sidecar was made with another tokenizer")
+            raise DataError("the score sidecar was made with another tokenizer: rescore with this run's tokenizer")
     for name, prefix in args.extra_valid.items():
         other = _prepared_tokenizer_hash(prefix)
         if other is not None and other != tokenizer.hash:
-            _refuse(f"extra validation set {name} ({prefix}) was tokenized with another tokenizer")
-    return Inputs(train_prefix, valid_prefix, tokenizer, arch, resume_meta, teacher_meta, sidecar)
+            raise DataError(f"extra validation set {name} ({prefix}) was tokenized with another tokenizer")
+    record = run_record(args, arch=arch, tokenizer_hash=tokenizer.hash, train_prefix=train_prefix,
+                        valid_prefix=valid_prefix, teacher_fingerprint=teacher_meta and teacher_meta["fingerprint"],
+                        sidecar_hash=sidecar and scores.sidecar_hash(sidecar[0]))
+    overrides = check_resume(resume_meta, record, args) if resume_meta else []
+    if args.save:
+        start = int(resume_meta["step"]) if resume_meta else 0
+        checkpointing.check_save_directory(args.save, resuming_from=resume_meta and resume_meta["path"],
+                                           steps=checkpointing.steps_to_save(start, args.train_iters,
+                                                                             args.save_interval))
+    return Inputs(train_prefix, valid_prefix, tokenizer, arch, resume_meta, teacher_meta, sidecar, record, overrides)
 
 
 def build_data(args, inputs: Inputs, salt: SaltConfig, writer: MetricsWriter) -> Data:
@@ -189,12 +188,17 @@ def from_last_rank(obj):
     return holder[0]
 
 
-def resume(run: Run, resume_meta: dict | None) -> None:
-    """Weights, optimizer, RNG, LR schedule and counters from the checkpoint; a fresh run records its init's
-    fingerprint instead."""
+def resume(run: Run, resume_meta: dict | None, overrides: list) -> None:
+    """Weights, optimizer, RNG, LR schedule and counters from the checkpoint (its record checked already, with the
+    overrides the flags accepted); a fresh run records its init's fingerprint instead."""
     if resume_meta is None:
         run.init_fingerprint = from_last_rank(model_fingerprint(run.backend.model, run.arch))
         return
+    step = int(resume_meta["step"])
+    run.overrides = list(resume_meta.get("overrides", [])) + [dict(o, at_step=step) for o in overrides]
+    for o in overrides:
+        changes = ", ".join(f"{k} {now!r} (checkpoint: {then!r})" for k, (then, now) in o["changes"].items())
+        run.writer.message(f"resuming with another {o['group']} than the checkpoint's, as asked: {changes}")
     run.backend.load(resume_meta["path"])
     run.scheduler.load_state_dict(resume_meta["opt_param_scheduler"])
     run.state = TrainState(step=int(resume_meta["step"]), consumed_samples=int(resume_meta["consumed_samples"]))
@@ -220,8 +224,9 @@ def setup(args) -> Run:
     backend, scheduler = build_student(args, inputs.arch)
     teacher = build_teacher(args, salt, inputs, writer)
     run = Run(args=args, salt=salt, batch=BatchConfig.from_args(args), arch=inputs.arch, backend=backend,
-              scheduler=scheduler, teacher=teacher, data=data, tokenizer=inputs.tokenizer, writer=writer)
-    resume(run, inputs.resume_meta)
+              scheduler=scheduler, teacher=teacher, data=data, tokenizer=inputs.tokenizer, writer=writer,
+              record=inputs.record)
+    resume(run, inputs.resume_meta, inputs.overrides)
     arch = inputs.arch
     params = sum(p.numel() for p in backend.model.parameters())
     writer.message(f"model: {arch.num_layers} layers x {arch.hidden_size}, {params / 1e6:.2f}M parameters on "

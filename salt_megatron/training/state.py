@@ -39,3 +39,5 @@ class Run:
     writer: object  # salt_megatron.training.metrics.MetricsWriter
     state: TrainState = dataclasses.field(default_factory=TrainState)
     init_fingerprint: list | None = None  # the logits fingerprint of the random init (refuses untrained teachers)
+    record: dict = dataclasses.field(default_factory=dict)  # what the run is, checked by a resume (consistency)
+    overrides: list = dataclasses.field(default_factory=list)  # settings changed on resume, by override flags

@@ -53,7 +53,8 @@ def train_step(run: Run) -> dict:
             scale_kd_by_temperature_squared=salt.scale_kd_by_temperature_squared, impl=salt.kernel_impl,
             fuse_ce_with_kd=salt.fuse_ce_with_kd,
         )
-        logs = {"loss": out.loss.detach(), "ce": out.ce, "kd": out.kd if out.kd is not None else out.ce * 0}
+        # a copy: megatron-core's schedule scales the returned loss in place (÷ micro-batches) after this returns
+        logs = {"loss": out.loss.detach().clone(), "ce": out.ce, "kd": out.kd if out.kd is not None else out.ce * 0}
         return out.loss, logs
 
     def forward_step(data_iterator, model):
