@@ -42,13 +42,15 @@ def run(cmd, kill_after: float | None = None, watch: str | None = None) -> dict:
     """Run ``cmd``; with ``kill_after``, SIGKILL it that many seconds in (unless it ends first).  Returns what
     happened: finished (exit code) or killed, and whether a save was in progress in ``watch`` at the kill."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a session of its own: the kill reaches its helper processes (the checkpoint writer's) too, as a scheduler's does
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     if kill_after is not None:
         try:
             proc.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
             mid_save = watch is not None and bool(glob.glob(os.path.join(watch, "*.tmp-*")))
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return {"killed": True, "mid_save": mid_save}
     err = proc.communicate()[1]

@@ -1,13 +1,13 @@
 // Shared by the two thin torch bindings (CPU and CUDA): torch dtype -> the kernels' dtype code.
 #pragma once
 
-#include <torch/extension.h>
-
-#include "salt_kl.h"
-
 #ifndef SALT_KL_CONTRACT_VERSION
 #error "SALT_KL_CONTRACT_VERSION is not defined: build with setup.py or salt_megatron.kd.build (flags in salt_megatron/kd/kernel_flags.py)"
 #endif
+
+#include <torch/extension.h>
+
+#include "salt_kl.h"
 
 namespace salt_kl_binding {
 

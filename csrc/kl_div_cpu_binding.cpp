@@ -1,7 +1,7 @@
 // Thin torch binding of the CPU kernel (csrc/kl_div_cpu.cpp): checks the tensors, passes pointers and strides.
+#include "binding_common.h"  // first: it checks the build flags before the long parse of torch's headers
 #include <torch/extension.h>
 
-#include "binding_common.h"
 #include "salt_kl.h"
 
 namespace {

@@ -1,9 +1,9 @@
 // Thin torch binding of the CUDA kernel (csrc/kl_div_cuda.cu): checks the tensors and calls the extern "C"
 // launchers with data pointers, strides and the current stream, which Python passes as an integer
 // (torch.cuda.current_stream().cuda_stream) inside a device guard.  Only torch/extension.h: no CUDA header.
+#include "binding_common.h"  // first: it checks the build flags before the long parse of torch's headers
 #include <torch/extension.h>
 
-#include "binding_common.h"
 #include "salt_kl.h"
 
 namespace {

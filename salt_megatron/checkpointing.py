@@ -26,7 +26,7 @@ import shutil
 import torch
 
 from salt_megatron.errors import CheckpointError
-from salt_megatron.files import write_text_atomically
+from salt_megatron.files import write_limits_hint, write_text_atomically
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"  # Megatron-LM's tracker word for a released checkpoint, kept in DIR/release/
@@ -205,23 +205,6 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
 
 
-def _write_limits(save_dir: str) -> str:
-    """What commonly makes a write fail: a full disk or a file size limit (``ulimit -f``), when one is in force."""
-    import resource
-
-    hints = []
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY:
-        hints.append(f"files are limited to {limit} bytes here (ulimit -f)")
-    try:
-        free = shutil.disk_usage(save_dir).free
-        if free < 1 << 30:
-            hints.append(f"{free >> 20} MiB free on its disk")
-    except OSError:
-        pass
-    return "; " + ", ".join(hints) if hints else ""
-
-
 def save_checkpoint(save_dir: str, step: int, model, optimizer, meta: dict, write_extra=None) -> str:
     """Save model + optimizer (sharded) and ``meta`` atomically; every rank must call this.  Returns the path.
 
@@ -267,7 +250,7 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, meta: dict, writ
             previous = find_latest_checkpoint(save_dir)
         except CheckpointError:
             previous = None
-        raise CheckpointError(f"could not write the checkpoint {final} ({_root_cause(e)}{_write_limits(save_dir)}); "
+        raise CheckpointError(f"could not write the checkpoint {final} ({_root_cause(e)}{write_limits_hint(save_dir)}); "
                               f"{previous or 'no earlier checkpoint'} is left as the latest") from e
     torch.distributed.barrier()
     return final

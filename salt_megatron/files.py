@@ -13,8 +13,36 @@ renames the whole directory; the files inside it need no renames of their own.)
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
+
+from salt_megatron.errors import SaltError
+
+# errors that say the disk, quota or file size limit is exhausted (or the file system is read-only)
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
+class WriteFailed(SaltError):
+    """A file could not be written for lack of room (disk, quota, file size limit); what was there stays."""
+
+
+def write_limits_hint(directory: str) -> str:
+    """What commonly makes a write fail, when it applies here: a file size limit (``ulimit -f``), a nearly full disk."""
+    import resource
+
+    hints = []
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        hints.append(f"files are limited to {limit} bytes here (ulimit -f)")
+    try:
+        free = shutil.disk_usage(directory).free
+        if free < 1 << 30:
+            hints.append(f"{free >> 20} MiB free on its disk")
+    except OSError:
+        pass
+    return "; " + ", ".join(hints) if hints else ""
 
 
 def temporary_path(path: str) -> str:
@@ -47,7 +75,8 @@ def atomic_files(*paths: str):
     """Write several files as one: yields their temporary paths (a list, in the order given).
 
     When the block finishes, every temporary file is flushed to disk and renamed over its target in the given
-    order; if the block raises, the temporaries are removed and no target is touched.
+    order; if the block raises, the temporaries are removed and no target is touched (a write that fails for lack
+    of room becomes :class:`WriteFailed`, one line naming the files).
     """
     if not paths:
         raise ValueError("atomic_files needs at least one path")
@@ -55,7 +84,14 @@ def atomic_files(*paths: str):
     for p in paths:
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
     try:
-        yield tmps
+        try:
+            yield tmps
+        except OSError as e:
+            if e.errno not in _NO_ROOM:
+                raise
+            folder = os.path.dirname(os.path.abspath(paths[0]))
+            raise WriteFailed(f"could not write {', '.join(paths)} ({e.strerror}{write_limits_hint(folder)}); "
+                              "nothing was replaced") from e
         for tmp in tmps:
             if not os.path.isfile(tmp):
                 raise FileNotFoundError(f"{tmp} was not written (the block must write every file it was given)")

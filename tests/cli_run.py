@@ -29,3 +29,19 @@ def assert_refused(proc: subprocess.CompletedProcess, pattern: str) -> str:
     assert len(lines) == 1, proc.stderr[-3000:]
     assert re.search(pattern, lines[0]), lines[0]
     return lines[0]
+
+
+def refused_in_process(capfd, argv, pattern: str) -> str:
+    """``salt_megatron.cli.main(argv)`` in this process (for refusals that come before any process group): exit code
+    2 and one line on stderr matching ``pattern``; an exception escaping the handler fails the test as it is."""
+    import pytest
+
+    from salt_megatron import cli
+
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(a) for a in argv])
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert lines[0].startswith(f"salt-megatron {argv[0]}: error: ") and re.search(pattern, lines[0]), lines[0]
+    return lines[0]

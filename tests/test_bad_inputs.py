@@ -205,8 +205,11 @@ def test_a_refusal_is_one_line_from_a_real_process_too(world):
     proc = run_cli(*_pretrain(world, "--load", str(world["foreign"])))
     assert_refused(proc, r"^salt-megatron pretrain: error: no complete checkpoint")
     assert _written(world) == []
-    debug = run_cli(*_pretrain(world, "--load", str(world["foreign"])), "--debug")
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
+    # --debug: the exception itself, with its traceback
+    from salt_megatron.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        cli.main([*_pretrain(world, "--load", str(world["foreign"])), "--debug"])
 
 
 @pytest.mark.parametrize("script, env, pattern", [

@@ -19,7 +19,7 @@ import shutil
 
 import pytest
 
-from tests.cli_run import assert_refused, run_cli
+from tests.cli_run import assert_refused, refused_in_process, run_cli
 from tests.conftest import STUDENT, pretrain
 
 # a fixed LR decay length: runs of different lengths resume one another without changing their LR schedule
@@ -30,17 +30,17 @@ def _tracker(d) -> str:
     return (d / "latest_checkpointed_iteration.txt").read_text().strip()
 
 
-def test_another_tools_checkpoint_is_refused_not_orphaned(corpus, tmp_path):
+def test_another_tools_checkpoint_is_refused_not_orphaned(corpus, tmp_path, capfd):
     run = tmp_path / "run"
     (run / "iter_0000100").mkdir(parents=True)
     (run / "iter_0000100" / "model.pt").write_bytes(b"not ours")
     (run / "latest_checkpointed_iteration.txt").write_text("100")
-    proc = run_cli("pretrain", "--data-path", corpus, *TINY, "--train-iters", "2", "--load", run, "--save", run)
-    assert_refused(proc, r"no complete checkpoint in .*step 100.*iter_0000100 is not a complete salt_megatron")
+    refused_in_process(capfd, ["pretrain", "--data-path", corpus, *TINY, "--train-iters", "2", "--load", run, "--save",
+                               run], r"no complete checkpoint in .*step 100.*iter_0000100 is not a complete salt_megatron")
     assert _tracker(run) == "100" and sorted(os.listdir(run)) == ["iter_0000100", "latest_checkpointed_iteration.txt"]
     # and a fresh run into it (no --load) is refused too
-    assert_refused(run_cli("pretrain", "--data-path", corpus, *TINY, "--train-iters", "2", "--save", run),
-                   r"already holds checkpoints .*that this run does not resume from")
+    refused_in_process(capfd, ["pretrain", "--data-path", corpus, *TINY, "--train-iters", "2", "--save", run],
+                       r"already holds checkpoints .*that this run does not resume from")
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,10 @@ def kd_run(corpus, teacher_dir, tmp_path_factory):
     return save
 
 
-def test_resuming_with_a_larger_kd_steps_is_refused_unless_overridden(corpus, teacher_dir, kd_run, tmp_path):
+def test_resuming_with_a_larger_kd_steps_is_refused_unless_overridden(corpus, teacher_dir, kd_run, tmp_path, capfd):
     argv = ["pretrain", "--data-path", corpus, *TINY, "--train-iters", "6", "--teacher-load", teacher_dir,
             "--kd-steps", "5", "--load", kd_run]
-    assert_refused(run_cli(*argv), r"SALT schedule: --kd-steps 5 \(checkpoint: 2\).*--override-salt-schedule")
+    refused_in_process(capfd, argv, r"SALT schedule: --kd-steps 5 \(checkpoint: 2\).*--override-salt-schedule")
     save = tmp_path / "continued"
     proc = run_cli(*argv, "--override-salt-schedule", "--save", save)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -65,17 +65,17 @@ def test_resuming_with_a_larger_kd_steps_is_refused_unless_overridden(corpus, te
     assert meta["overrides"] == [{"group": "SALT schedule", "changes": {"kd_steps": [2, 5]}, "at_step": 4}]
 
 
-def test_a_rerun_never_overwrites_an_existing_iteration_directory(corpus, teacher_dir, kd_run, tmp_path):
+def test_a_rerun_never_overwrites_an_existing_iteration_directory(corpus, teacher_dir, kd_run, tmp_path, capfd):
     run = tmp_path / "run"
     shutil.copytree(kd_run, run)
     before = {p.name: p.stat().st_mtime_ns for p in run.glob("iter_*/*")}
-    proc = run_cli("pretrain", "--data-path", corpus, *TINY, "--train-iters", "4", "--teacher-load", teacher_dir,
-                   "--kd-steps", "2", "--load", run / "iter_0000002", "--save", run, "--save-interval", "1")
-    assert_refused(proc, r"would overwrite .*iter_0000003 \(and 1 more\)")
+    refused_in_process(capfd, ["pretrain", "--data-path", corpus, *TINY, "--train-iters", "4", "--teacher-load",
+                               teacher_dir, "--kd-steps", "2", "--load", run / "iter_0000002", "--save", run,
+                               "--save-interval", "1"], r"would overwrite .*iter_0000003 \(and 1 more\)")
     assert {p.name: p.stat().st_mtime_ns for p in run.glob("iter_*/*")} == before and _tracker(run) == "4"
 
 
-def test_bad_files_are_one_line_not_a_traceback(corpus, tmp_path):
+def test_bad_files_are_one_line_not_a_traceback(corpus, tmp_path, capfd):
     data = tmp_path / "data"
     data.mkdir()
     for suffix in ("_train.bin", "_train.idx", ".model"):
@@ -83,10 +83,10 @@ def test_bad_files_are_one_line_not_a_traceback(corpus, tmp_path):
     (data / "c_train.idx").write_bytes(os.urandom(200))
     assert_refused(run_cli("pretrain", "--data-path", data / "c", *TINY, "--train-iters", "2"),
                    r"c_train.idx is not a Megatron indexed-dataset index")
-    assert_refused(run_cli("pretrain", "--data-path", corpus, *TINY, "--train-iters", "2",
-                           "--tokenizer-model", tmp_path / "missing.model"), r"tokenizer model not found: .*missing")
-    assert_refused(run_cli("evaluate", "--load", tmp_path / "nope", "--data-path", corpus),
-                   r"checkpoint directory .*nope does not exist")
+    refused_in_process(capfd, ["pretrain", "--data-path", corpus, *TINY, "--train-iters", "2", "--tokenizer-model",
+                               tmp_path / "missing.model"], r"tokenizer model not found: .*missing")
+    refused_in_process(capfd, ["evaluate", "--load", tmp_path / "nope", "--data-path", corpus],
+                       r"checkpoint directory .*nope does not exist")
 
 
 def test_deepspeed_json_with_auto_values_is_filled_from_the_flags(tmp_path):
@@ -135,3 +135,20 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_says_so(corpus, t
     assert _tracker(run) == "2" and sorted(os.listdir(run)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
     resumed = run_cli("pretrain", "--data-path", corpus, *TINY, "--train-iters", "3", "--load", run, "--save", run)
     assert resumed.returncode == 0 and _tracker(run) == "3", resumed.stderr[-3000:]
+
+
+def test_a_failed_dataset_write_keeps_the_previous_dataset_and_says_so(corpus, tmp_path):
+    """prepare into a prefix that holds a dataset, with files limited to 16 KiB: the old files stay as they were."""
+    text = tmp_path / "t.jsonl"
+    text.write_text("".join(json.dumps({"text": f"document number {i} " * 200}) + "\n" for i in range(40)))
+    out = tmp_path / "data" / "p"
+    args = ["prepare", "--input", text, "--output-prefix", out, "--tokenizer-model", corpus + ".model", "--workers", "1"]
+    assert run_cli(*args).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    proc = run_cli(*args, shell_prefix="ulimit -f 16")
+    # the progress bar (stderr) comes first; the run ends with one line of its own
+    last = proc.stderr.splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.match(r"salt-megatron prepare: error: could not write .*p_train.bin.*\(File too large; files are "
+                    r"limited to 16384 bytes here \(ulimit -f\)\); nothing was replaced$", last), last
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before

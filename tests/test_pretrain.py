@@ -72,15 +72,16 @@ def test_sigkill_mid_save_leaves_previous_checkpoint_loadable(corpus, tmp_path):
     save = tmp_path / "run"
     cmd = [sys.executable, "-m", "salt_megatron.cli", "pretrain", "--data-path", corpus, *TEACHER,
            "--train-iters", "200", "--save", str(save), "--save-interval", "1", "--eval-iters", "1"]
+    # a session of its own: the kill reaches the checkpoint writer's helper processes too, as a scheduler's would
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     killed_mid_save = False
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
             if save.exists() and any(".tmp-" in n for n in os.listdir(save)) and \
                     checkpointing.find_latest_checkpoint(str(save)) is not None:
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
                 killed_mid_save = True
                 break
             time.sleep(0.001)

@@ -36,7 +36,9 @@ def _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, 
     if vocab_size is not None and vocab_size <= 0:
         raise DataError(f"vocab_size must be positive, got {vocab_size}")
     if tokenizer_model is not None:
-        load_tokenizer(tokenizer_model)  # refuses a missing file or one that is no SentencePiece model, by name
+        if not os.path.isfile(tokenizer_model):
+            raise DataError(f"tokenizer model not found: {tokenizer_model}")
+        load_tokenizer(tokenizer_model)  # refuses a file that is no SentencePiece model, by name
     if not inputs:
         raise DataError("no input files given")
     if not 0.0 <= valid_fraction < 1.0:
@@ -181,20 +183,20 @@ def prepare(
             stats[split] = {"documents": 0, "tokens": 0}
 
         total_docs = n_inputs + sum(valid_counts)
-        bar = tqdm(total=total_docs, unit="doc", file=sys.stderr, disable=not progress, desc="tokenising")
         start, n_tokens = time.time(), 0
         encoded = _encoded_documents(tmp[model_path], inputs + valid_inputs, json_key, split_lines, append_eod,
                                      workers)
-        for i, ids in enumerate(encoded):
-            split = "valid" if i >= n_inputs or i in valid_docs else "train"
-            builders[split].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
-            stats[split]["documents"] += 1
-            stats[split]["tokens"] += len(ids)
-            n_tokens += len(ids)
-            bar.update(1)
-            bar.set_postfix(tokens=n_tokens, tok_per_s=f"{n_tokens / max(time.time() - start, 1e-9):.0f}",
-                            refresh=False)
-        bar.close()
+        # a context: a failure closes the bar first, so the error is a line of its own
+        with tqdm(total=total_docs, unit="doc", file=sys.stderr, disable=not progress, desc="tokenising") as bar:
+            for i, ids in enumerate(encoded):
+                split = "valid" if i >= n_inputs or i in valid_docs else "train"
+                builders[split].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+                stats[split]["documents"] += 1
+                stats[split]["tokens"] += len(ids)
+                n_tokens += len(ids)
+                bar.update(1)
+                bar.set_postfix(tokens=n_tokens, tok_per_s=f"{n_tokens / max(time.time() - start, 1e-9):.0f}",
+                                refresh=False)
         for split, builder in builders.items():
             builder.finalize(tmp[f"{output_prefix}_{split}.idx"])
 
