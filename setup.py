@@ -1,36 +1,42 @@
-"""salt_megatron: SALT pretraining (small LM helps a large LM) on megatron-core and DeepSpeed."""
+"""Build of the fused KL kernels; everything else about the package is in pyproject.toml.
+
+The CPU extension is built always, the CUDA one when a CUDA toolkit and a CUDA torch are found, but only when torch
+is importable at build time (``pip install --no-build-isolation``, or the Dockerfile's builder stage).  An isolated
+build (``pip wheel .``, ``python -m build``) ships the sources inside the package instead, and
+``salt_megatron.kd.build`` compiles them just in time on first use.  SALT_MEGATRON_BUILD_EXT=0 builds none,
+SALT_MEGATRON_BUILD_CUDA=0 skips CUDA.  Compiler flags and the kernel contract version come from
+salt_megatron/kd/kernel_flags.py, shared with the just-in-time build.
+"""
 
 import os
 import runpy
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
-# the kernels' compiler flags and contract version, shared with the just-in-time build (salt_megatron.kd.build);
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = "salt_megatron/csrc"  # relative: setuptools wants relative source paths
 # read as a plain file so that building needs nothing of the package importable
-KERNEL_FLAGS = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "salt_megatron", "kd",
-                                           "kernel_flags.py"))
+KERNEL_FLAGS = runpy.run_path(os.path.join(HERE, "salt_megatron", "kd", "kernel_flags.py"))
 
 
 def _fused_kernel_extensions():
-    """The fused KL kernels (csrc/): the CPU extension always, the CUDA one when a CUDA toolkit and a CUDA torch
-    are found.  SALT_MEGATRON_BUILD_EXT=0 builds none, SALT_MEGATRON_BUILD_CUDA=0 skips CUDA.  Without torch at
-    build time (build isolation) nothing is built; salt_megatron.kd.build then compiles the sources just in time."""
     if os.environ.get("SALT_MEGATRON_BUILD_EXT", "1") == "0":
         return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("salt_megatron: torch is not importable at build time; skipping the fused kernels", file=sys.stderr)
+        print("salt_megatron: torch is not importable at build time (an isolated build): the kernel sources ship "
+              "in the package and compile just in time on first use", file=sys.stderr)
         return [], {}
     flags = KERNEL_FLAGS
     ext_modules = [
         CppExtension(
             flags["INSTALLED_MODULE"]["cpu"],
-            [f"csrc/{name}" for name in flags["SOURCES"]["cpu"]],
-            include_dirs=["csrc"],
+            [f"{CSRC}/{name}" for name in flags["SOURCES"]["cpu"]],
+            include_dirs=[CSRC],
             extra_compile_args=flags["CPU_CFLAGS"],
             extra_link_args=flags["CPU_LDFLAGS"],
         )
@@ -43,8 +49,8 @@ def _fused_kernel_extensions():
         ext_modules.append(
             CUDAExtension(
                 flags["INSTALLED_MODULE"]["cuda"],
-                [f"csrc/{name}" for name in flags["SOURCES"]["cuda"]],
-                include_dirs=["csrc"],
+                [f"{CSRC}/{name}" for name in flags["SOURCES"]["cuda"]],
+                include_dirs=[CSRC],
                 extra_compile_args={"cxx": flags["CUDA_CXXFLAGS"], "nvcc": [*flags["CUDA_NVCC_FLAGS"], *arch]},
             )
         )
@@ -60,25 +66,4 @@ def _fused_kernel_extensions():
 
 _EXT_MODULES, _CMDCLASS = _fused_kernel_extensions()
 
-setup(
-    name="salt_megatron",
-    version="0.1.0",
-    description="SALT: efficient LLM pretraining with a small-LM teacher (KD + data selection) on megatron-core",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["salt_megatron", "salt_megatron.*"]),
-    install_requires=[
-        "torch>=2.4",
-        "megatron-core>=0.16,<0.20",
-        "numpy",
-        "sentencepiece",
-    ],
-    extras_require={
-        "deepspeed": ["deepspeed>=0.15"],
-        "tools": ["tqdm", "pyyaml", "matplotlib", "tensorboard"],
-    },
-    entry_points={"console_scripts": ["salt-megatron=salt_megatron.cli:main"]},
-    ext_modules=_EXT_MODULES,
-    cmdclass=_CMDCLASS,
-)
+setup(ext_modules=_EXT_MODULES, cmdclass=_CMDCLASS)

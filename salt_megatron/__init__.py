@@ -4,13 +4,13 @@ Importing the package applies, once, what megatron-core needs to run on a CPU-on
 nothing when CUDA is present).  Every command and module of the package comes through here first.
 """
 
-from salt_megatron.compat import ensure_megatron_runs_here
+__version__ = "0.2.0"
+
+from salt_megatron.compat import ensure_megatron_runs_here  # noqa: E402
 
 ensure_megatron_runs_here()
 
 from salt_megatron.kd import SaltLoss, salt_loss, vocab_parallel_kl_div  # noqa: E402
 from salt_megatron.schedule import SaltSchedule  # noqa: E402
-
-__version__ = "0.1.0"
 
 __all__ = ["vocab_parallel_kl_div", "salt_loss", "SaltLoss", "SaltSchedule"]

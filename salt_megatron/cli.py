@@ -6,6 +6,7 @@
     salt-megatron evaluate    validation loss / perplexity of a checkpoint on any indexed dataset
     salt-megatron demo        the end-to-end CPU demo behind `make demo`
     salt-megatron experiment  the reproduction report: baselines, ablations and paired seeds (`make experiment`)
+    salt-megatron report      versions, GPUs and which fused kernels this installation has (like ds_report)
 
 A problem with the input (flags, files, checkpoints) ends the command with one line on stderr and exit code 2;
 ``--debug`` (or SALT_MEGATRON_DEBUG=1) shows the traceback instead.
@@ -25,6 +26,7 @@ COMMANDS = {
     "evaluate": ("salt_megatron.training.evaluate", "main"),
     "demo": ("salt_megatron.demo", "main"),
     "experiment": ("salt_megatron.experiment.run", "main"),
+    "report": ("salt_megatron.report", "main"),
 }
 EXIT_USAGE = 2
 

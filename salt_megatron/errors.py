@@ -49,3 +49,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def require_modules(extra: str, *modules: str) -> None:
+    """One line naming the pip extra to install when an optional module a command needs is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"this needs {', '.join(missing)}: pip install 'salt_megatron[{extra}]'")

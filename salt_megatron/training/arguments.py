@@ -17,7 +17,7 @@ from salt_megatron.distributed import data_parallel_size
 from salt_megatron.kd.checks import check_kd_weight, check_temperature
 from salt_megatron.kd.select import IMPLS as KD_IMPLS
 from salt_megatron.schedule import TRANSITIONS
-from salt_megatron.errors import ArgumentParser, UsageError, one_line
+from salt_megatron.errors import ArgumentParser, UsageError, one_line, require_modules
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -302,6 +302,11 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
         errors.append("--save-interval must be >= 1")
     if args.save_interval is not None and args.save is None:
         errors.append("--save-interval needs --save")
+    if args.tensorboard_dir:
+        try:
+            require_modules("tensorboard", "tensorboard")
+        except UsageError as e:
+            errors.append(f"--tensorboard-dir: {e}")
     if errors:
         raise UsageError("; ".join(errors))
     return args
