@@ -72,12 +72,28 @@ def collect() -> dict:
         "numpy": _version("numpy") or "NOT INSTALLED",
         "C++ compiler": shutil.which(os.environ.get("CXX", "c++")) or "none on PATH",
         "ninja": _version("ninja") or (shutil.which("ninja") and "on PATH") or "not installed",
-        "nvcc": build._cuda_home() and os.path.join(build._cuda_home(), "bin", "nvcc") or "none (no CUDA toolkit)",
+        "nvcc": _nvcc(),
         "kernel sources": str(build.CSRC),
         "fused kernel (cpu)": f"{kernels['cpu']['state']}: {kernels['cpu']['detail']}",
         "fused kernel (cuda)": f"{kernels['cuda']['state']}: {kernels['cuda']['detail']}",
         f"--kd-impl auto on this device ({device})": auto,
     }
+
+
+def _nvcc() -> str:
+    import torch
+
+    from salt_megatron.kd import build
+
+    # torch's CUDA_HOME is None in a CPU build even where a toolkit is installed: look for it the way a user would
+    if build._cuda_home():
+        return os.path.join(build._cuda_home(), "bin", "nvcc")
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidate = os.path.join(home, "bin", "nvcc")
+    found = shutil.which("nvcc") or (candidate if os.path.exists(candidate) else None)
+    if found is None:
+        return "none (no CUDA toolkit)"
+    return found + ("" if torch.version.cuda else " (unused: this torch has no CUDA)")
 
 
 def main(argv=None) -> dict:

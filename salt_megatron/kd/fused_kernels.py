@@ -107,15 +107,9 @@ def kernels_for(device, required: bool = False) -> FusedKernels | None:
             return _kernels[kind]
         module = build.load_extension(kind)
         if module is None:
-            if required:
-                nvcc = " and nvcc (a CUDA toolkit; CUDA_HOME)" if kind == "cuda" else ""
-                raise RuntimeError(
-                    f"the fused KL kernel for {kind} is not available: {build.why_unavailable(kind)}.\n"
-                    f"Build it with `pip install --no-build-isolation -e .` in the salt_megatron checkout (needs a "
-                    f"C++ compiler{nvcc}; SALT_MEGATRON_BUILD_EXT=0 / SALT_MEGATRON_BUILD_CUDA=0 must not be set), "
-                    f"or let it compile just in time (needs ninja and the csrc/ sources; unset SALT_MEGATRON_NO_JIT). "
-                    f"impl='torch' works without it."
-                )
+            if required:  # one line: why, and what still works
+                raise RuntimeError(f"the fused KL kernel for {kind} is not available: {build.why_unavailable(kind)}; "
+                                   f"impl='torch' works without it (`salt-megatron report` shows what a build needs)")
             return None
         _kernels[kind] = FusedKernels(kind, module)
         return _kernels[kind]

@@ -284,6 +284,13 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
                 check(value, name=flag)
             except ValueError as e:
                 errors.append(str(e))
+        if args.kd_impl == "fused" and args.kd_steps:  # the kernel is loaded (or JIT-built) now, not at step 1
+            from salt_megatron.kd.fused_kernels import kernels_for
+
+            try:
+                kernels_for("cuda" if _cuda_available() else "cpu", required=True)
+            except RuntimeError as e:
+                errors.append(f"--kd-impl fused: {e}")
         if args.kd_decay_steps is not None and args.kd_steps is not None and not (
             0 < args.kd_decay_steps <= max(args.kd_steps, 1)
         ):
