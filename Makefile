@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt Makefile
 	$(PIP) install $(CONSTRAINTS) torch megatron-core setuptools ninja
 	# DeepSpeed builds from source: its ops stay unbuilt (DS_BUILD_OPS=0), JIT-built on first use where needed
 	DS_BUILD_OPS=0 $(PIP) install $(CONSTRAINTS) deepspeed
-	$(PIP) install $(CONSTRAINTS) --no-build-isolation -e '.[deepspeed,demo,dev]'
+	$(PIP) install $(CONSTRAINTS) --no-build-isolation -e '.[deepspeed,demo,hf,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

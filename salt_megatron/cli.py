@@ -7,6 +7,8 @@
     salt-megatron demo        the end-to-end CPU demo behind `make demo`
     salt-megatron experiment  the reproduction report: baselines, ablations and paired seeds (`make experiment`)
     salt-megatron report      versions, GPUs and which fused kernels this installation has (like ds_report)
+    salt-megatron import-hf   a Hugging Face Llama/Qwen2/Mistral checkpoint as a salt_megatron checkpoint (teacher)
+    salt-megatron export-hf   a checkpoint of Llama shape as a Hugging Face directory (transformers loads it)
 
 A problem with the input (flags, files, checkpoints) ends the command with one line on stderr and exit code 2;
 ``--debug`` (or SALT_MEGATRON_DEBUG=1) shows the traceback instead.
@@ -27,6 +29,8 @@ COMMANDS = {
     "demo": ("salt_megatron.demo", "main"),
     "experiment": ("salt_megatron.experiment.run", "main"),
     "report": ("salt_megatron.report", "main"),
+    "import-hf": ("salt_megatron.hf.import_hf", "main"),
+    "export-hf": ("salt_megatron.hf.export_hf", "main"),
 }
 EXIT_USAGE = 2
 
@@ -56,6 +60,8 @@ def main(argv=None) -> None:
     # deprecation notices megatron-core's own calls raise inside torch: nothing a user can act on
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing")
+    # megatron-core 0.16 warns about its own default cuda_graph_scope whenever a TransformerConfig is made
+    warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
     try:
         module, func = COMMANDS[command]
         getattr(importlib.import_module(module), func)(argv[1:])

@@ -119,3 +119,33 @@ def write_text_atomically(path: str, text: str) -> None:
 
 def write_json_atomically(path: str, obj, **dumps_kwargs) -> None:
     write_text_atomically(path, json.dumps(obj, **dumps_kwargs))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str):
+    """Write a whole directory or nothing: yields a temporary directory beside ``path``, renamed to ``path`` when the
+    block finishes (every file flushed first); removed if the block raises.  ``path`` must not exist, or be an
+    empty directory (it is replaced)."""
+    path = os.path.abspath(path.rstrip("/"))
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{path} exists and is not an empty directory")
+    tmp = temporary_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno not in _NO_ROOM:
+                raise
+            raise WriteFailed(f"could not write {path} ({e.strerror}{write_limits_hint(os.path.dirname(path))}); "
+                              "nothing was written") from e
+        for name in os.listdir(tmp):
+            if os.path.isfile(os.path.join(tmp, name)):
+                _fsync_file(os.path.join(tmp, name))
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.replace(tmp, path)
+        _fsync_directory(os.path.dirname(path))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -31,6 +31,11 @@ class GPTArchitecture:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # what imported Hugging Face models need (defaults: what salt_megatron's own models have always used)
+    norm_epsilon: float = 1e-5
+    rotary_base: float = 10000.0
+    rope_scaling_factor: float | None = None  # Llama-3.x "llama3" RoPE scaling (megatron-core's fixed 1/4/8192 form)
+    add_qkv_bias: bool = False  # Qwen2: biases on q/k/v only
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -112,6 +117,8 @@ def build_gpt_model(
         gated_linear_unit=swiglu,
         activation_func=torch.nn.functional.silu if swiglu else torch.nn.functional.gelu,
         add_bias_linear=not swiglu,
+        add_qkv_bias=arch.add_qkv_bias,
+        layernorm_epsilon=arch.norm_epsilon,
         init_method_std=arch.init_method_std,
         hidden_dropout=arch.hidden_dropout,
         attention_dropout=arch.attention_dropout,
@@ -147,7 +154,9 @@ def build_gpt_model(
         post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
         share_embeddings_and_output_weights=not arch.untie_embeddings_and_output_weights,
         position_embedding_type=arch.position_embedding_type,
-        rotary_base=10000,
+        rotary_base=arch.rotary_base,
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         **extra,
     )
     if torch.cuda.is_available():

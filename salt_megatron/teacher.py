@@ -40,7 +40,7 @@ def check_teacher_checkpoint(load_dir: str, *, tokenizer_hash: str, padded_vocab
             f"padded vocab sizes differ: teacher {teacher_padded}, student {padded_vocab_size}; use the same "
             "--make-vocab-size-divisible-by (and a TP size it divides) for both"
         )
-    if int(meta.get("step", 0)) <= 0 or "fingerprint" not in meta:
+    if (int(meta.get("step", 0)) <= 0 and not meta.get("imported_from")) or "fingerprint" not in meta:
         raise TeacherRefused(f"the teacher checkpoint {meta['path']} is at step 0: it was never trained")
     init_fp = meta.get("init_fingerprint")
     if init_fp is not None and fingerprint.matches(meta["fingerprint"], init_fp, rtol=1e-6):

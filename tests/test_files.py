@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,3 +59,22 @@ def test_text_and_json_helpers(tmp_path):
     assert (tmp_path / "sub" / "t.txt").read_text(encoding="utf-8") == "héllo"
     write_json_atomically(str(tmp_path / "j.json"), {"a": 1}, sort_keys=True)
     assert (tmp_path / "j.json").read_text() == '{"a": 1}'
+
+
+def test_atomic_directory_is_whole_or_absent(tmp_path):
+    from salt_megatron.files import atomic_directory
+
+    target = tmp_path / "model"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(str(target)) as tmp_dir:
+            (Path(tmp_dir) / "a.bin").write_bytes(b"x")
+            raise RuntimeError("killed half way")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    target.mkdir()  # an empty directory is taken over
+    with atomic_directory(str(target)) as tmp_dir:
+        (Path(tmp_dir) / "a.bin").write_bytes(b"x")
+        assert not (target / "a.bin").exists()
+    assert (target / "a.bin").read_bytes() == b"x" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    with pytest.raises(FileExistsError):
+        with atomic_directory(str(target)):
+            pass

@@ -47,7 +47,7 @@ def test_unavailable_kernel_gives_a_clear_message(monkeypatch):
     monkeypatch.setattr(fused_kernels, "_kernels", {})
     assert fused_kernels.kernels_for("cpu") is None
     assert vocab_parallel_kl_div(torch.zeros(2, 4), torch.zeros(2, 4), impl="auto").shape == (2,)  # PyTorch path
-    with pytest.raises(RuntimeError, match="(?s)no compiler.*pip install --no-build-isolation -e"):
+    with pytest.raises(RuntimeError, match=r"^[^\n]*no compiler \(test\); impl='torch' works without it[^\n]*$"):
         vocab_parallel_kl_div(torch.zeros(2, 4), torch.zeros(2, 4), impl="fused")
 
 

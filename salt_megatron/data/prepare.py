@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from salt_megatron.hf.tokenizer import SPEC_SUFFIX, is_hf_tokenizer, read_spec, spec_bytes
 from salt_megatron.data.tokenizer import iter_documents, load_tokenizer, sentencepiece_model_bytes, tokenizer_hash
 from salt_megatron.files import atomic_files
 from salt_megatron.errors import ArgumentParser, DataError
@@ -36,9 +37,9 @@ def _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, 
     if vocab_size is not None and vocab_size <= 0:
         raise DataError(f"vocab_size must be positive, got {vocab_size}")
     if tokenizer_model is not None:
-        if not os.path.isfile(tokenizer_model):
+        if not os.path.exists(tokenizer_model):
             raise DataError(f"tokenizer model not found: {tokenizer_model}")
-        load_tokenizer(tokenizer_model)  # refuses a file that is no SentencePiece model, by name
+        load_tokenizer(tokenizer_model)  # refuses a file that is no tokenizer, by name
     if not inputs:
         raise DataError("no input files given")
     if not 0.0 <= valid_fraction < 1.0:
@@ -160,7 +161,9 @@ def prepare(
 
     workers = workers or min(4, os.cpu_count() or 1)
     splits = _split_names(valid_requested)
-    model_path, summary_path = output_prefix + ".model", output_prefix + ".json"
+    hf = tokenizer_model is not None and is_hf_tokenizer(tokenizer_model)
+    model_path = output_prefix + (SPEC_SUFFIX if hf else ".model")
+    summary_path = output_prefix + ".json"
     # every output under a temporary name until all are written; then renamed in this order (each split's .idx
     # after its .bin: its presence marks a dataset as there; the summary last)
     outputs = [model_path, *(f"{output_prefix}_{split}{ext}" for split in splits for ext in (".bin", ".idx")),
@@ -169,6 +172,8 @@ def prepare(
         tmp = dict(zip(outputs, tmp_paths))
         if tokenizer_model is None:
             model_bytes = sentencepiece_model_bytes(inputs, vocab_size, json_key=json_key)
+        elif hf:  # the HF tokenizer as one spec file (tokenizer.json, BOS/EOS, the model's vocabulary size)
+            model_bytes = spec_bytes(read_spec(tokenizer_model))
         else:
             with open(tokenizer_model, "rb") as f:
                 model_bytes = f.read()
@@ -238,7 +243,8 @@ def main(argv=None) -> dict:
     p.add_argument("--output-prefix", required=True, metavar="PREFIX")
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--vocab-size", type=int, help="train a SentencePiece tokenizer of this size")
-    tok.add_argument("--tokenizer-model", metavar="M", help="use this SentencePiece .model")
+    tok.add_argument("--tokenizer-model", metavar="M",
+                     help="use this SentencePiece .model, or a Hugging Face tokenizer directory (tokenizer.json)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--json-keys", default="text", metavar="KEY", help="JSONL field holding the text")
     p.add_argument("--split-lines", action="store_true", help="text files: each non-empty line is a document")

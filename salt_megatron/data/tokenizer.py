@@ -1,4 +1,5 @@
-"""SentencePiece tokenizers: train one from text, load it as a megatron-core tokenizer, fingerprint it.
+"""SentencePiece tokenizers: train one from text, load it as a megatron-core tokenizer, fingerprint it (Hugging Face
+tokenizers: ``salt_megatron/hf/tokenizer.py``; :func:`load_tokenizer` and :func:`tokenizer_hash` take either).
 
 Training settings are chosen so that a trained model round-trips any text exactly (identity normalisation, extra
 whitespace kept, byte fallback for characters it never saw) and so that the same corpus always gives the same
@@ -183,7 +184,12 @@ def sentencepiece_model_bytes(
 
 
 def tokenizer_hash(model_path: str) -> str:
-    """sha256 hex digest of the ``.model`` file: checkpoints store it to refuse a teacher/student mismatch."""
+    """sha256 hex digest of the ``.model`` file (of the spec, for a Hugging Face tokenizer): checkpoints store it to
+    refuse a teacher/student mismatch."""
+    from salt_megatron.hf import tokenizer as hf_tokenizer
+
+    if hf_tokenizer.is_hf_tokenizer(model_path):
+        return hf_tokenizer.spec_hash(hf_tokenizer.read_spec(model_path))
     with open(model_path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -211,8 +217,14 @@ class SentencePieceGPTTokenizer(GPTTokenizer):
         return (load_tokenizer, (self.model_path,))
 
 
-def load_tokenizer(model_path: str) -> SentencePieceGPTTokenizer:
-    """Load a ``.model`` as a tokenizer GPTDataset accepts (``.eod``, ``.vocab_size``, ``.tokenize``, ...)."""
+def load_tokenizer(model_path: str):
+    """Load a SentencePiece ``.model``, or a Hugging Face tokenizer (a directory with ``tokenizer.json``, or the
+    ``PREFIX.tokenizer.json`` prepare wrote), as a tokenizer GPTDataset accepts (``.eod``, ``.vocab_size``,
+    ``.tokenize``, ...)."""
+    from salt_megatron.hf import tokenizer as hf_tokenizer
+
+    if hf_tokenizer.is_hf_tokenizer(model_path):
+        return hf_tokenizer.HFGPTTokenizer(model_path)
     if not os.path.isfile(model_path):
         raise MissingFile(f"tokenizer model not found: {model_path}")
     try:

@@ -61,7 +61,8 @@ def add_data_args(p: argparse.ArgumentParser, *, required: bool = False) -> None
     g.add_argument("--extra-valid-data-path", nargs="+", default=[], metavar="NAME=PREFIX",
                    help="more held-out sets (indexed datasets, same tokenizer) evaluated at every evaluation; "
                         "logged as val_loss_NAME")
-    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model; default: DATA_PATH.model")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece .model or Hugging Face tokenizer; default: what prepare wrote beside DATA_PATH")
     g.add_argument("--data-cache-path", default=None, help="where GPTDataset caches its index files")
 
 

@@ -57,8 +57,10 @@ def _prepared_tokenizer_hash(prefix: str) -> str | None:
 
 
 def _default_tokenizer(args, train_prefix: str) -> str:
-    candidates = [p + ".model" for p in (args.data_path, train_prefix) if p]
-    candidates.append(train_prefix.rsplit("_train", 1)[0] + ".model")
+    from salt_megatron.hf.tokenizer import SPEC_SUFFIX
+
+    prefixes = [p for p in (args.data_path, train_prefix, train_prefix.rsplit("_train", 1)[0]) if p]
+    candidates = [p + ext for p in prefixes for ext in (".model", SPEC_SUFFIX)]
     for c in candidates:
         if os.path.isfile(c):
             return c
@@ -175,8 +177,10 @@ def build_teacher(args, salt: SaltConfig, inputs: Inputs, writer: MetricsWriter)
                       tp_group=parallel_state.get_tensor_model_parallel_group(), pg_collection=pgs)
     checkpointing.set_rng_state(rng)
     schedule = salt.schedule
+    origin = (f"imported from {meta['imported_from']['path']}" if meta.get("imported_from")
+              else f"step {meta['step']}")
     writer.message(f"teacher: {teacher.arch.num_layers} layers x {teacher.arch.hidden_size} from {meta['path']} "
-                   f"(step {meta['step']}); KD for steps [0, {schedule.kd_steps}), ω={schedule.kd_weight}, "
+                   f"({origin}); KD for steps [0, {schedule.kd_steps}), ω={schedule.kd_weight}, "
                    f"τ={salt.temperature}, {schedule.transition}")
     return teacher
 

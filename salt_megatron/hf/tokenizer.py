@@ -1,0 +1,137 @@
+"""Hugging Face tokenizers (a directory with ``tokenizer.json``), for teachers imported with ``import-hf``.
+
+A tokenizer is described by a *spec*: the ``tokenizer.json`` text (whose post-processor adds BOS where the model
+wants it, as ``transformers`` does), the BOS/EOS ids (as the model's ``config.json`` / ``tokenizer_config.json``
+say; EOS ends each document), and the model's vocabulary size (``config.json``'s
+``vocab_size`` may exceed the tokenizer's: Qwen2 pads its embedding).  ``prepare`` stores the spec as one file,
+``PREFIX.tokenizer.json``; its hash is the sha256 of the spec, so the directory and the prepared copy hash alike, and
+a teacher, its student's data and the score sidecars all agree on it.  Reading needs ``tokenizers`` (the ``hf``
+extra), not ``transformers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+
+from salt_megatron.errors import DataError, MissingFile, require_modules
+
+SPEC_MARKER = "salt_megatron_hf_tokenizer"
+SPEC_SUFFIX = ".tokenizer.json"  # what prepare writes beside the datasets
+
+
+def is_hf_tokenizer(path: str) -> bool:
+    """A Hugging Face tokenizer directory, or a spec file ``prepare`` wrote."""
+    if os.path.isdir(path):
+        return True
+    if not (path.endswith(".json") and os.path.isfile(path)):
+        return False
+    with open(path, "rb") as f:  # keys are sorted: the marker precedes the long tokenizer_json
+        return SPEC_MARKER.encode() in f.read(512)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def _token_id(vocab: dict, token) -> int | None:
+    if isinstance(token, dict):  # {"content": "<s>", ...} in older tokenizer_config files
+        token = token.get("content")
+    return vocab.get(token) if isinstance(token, str) else None
+
+
+def spec_from_directory(directory: str) -> dict:
+    """The spec of an HF tokenizer directory (``tokenizer.json`` required; ``tokenizer_config.json`` and
+    ``config.json`` say BOS/EOS and the model's vocabulary size)."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise MissingFile(f"{directory} has no tokenizer.json: a Hugging Face tokenizer directory needs one "
+                          "(SentencePiece-only directories: pass the .model file)")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    parsed = _read_json(path)
+    model_vocab = (parsed.get("model") or {}).get("vocab") or {}
+    if isinstance(model_vocab, list):  # unigram models: [[piece, score], ...] in id order
+        model_vocab = {entry[0]: i for i, entry in enumerate(model_vocab)}
+    vocab = {**model_vocab, **{entry["content"]: entry["id"] for entry in parsed.get("added_tokens", [])}}
+    tok_config = os.path.join(directory, "tokenizer_config.json")
+    tok_config = _read_json(tok_config) if os.path.isfile(tok_config) else {}
+    model_config = os.path.join(directory, "config.json")
+    model_config = _read_json(model_config) if os.path.isfile(model_config) else {}
+    bos = model_config.get("bos_token_id", _token_id(vocab, tok_config.get("bos_token")))
+    eos = model_config.get("eos_token_id", _token_id(vocab, tok_config.get("eos_token")))
+    if isinstance(eos, list):  # Llama-3.x instruct models list several; the first ends a document
+        eos = eos[0]
+    if isinstance(bos, list):
+        bos = bos[0]
+    if eos is None:
+        raise DataError(f"{directory}: no end-of-sequence token (eos_token_id in config.json or eos_token in "
+                        "tokenizer_config.json): documents could not be separated")
+    return {
+        SPEC_MARKER: 1,
+        "tokenizer_json": text,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "model_vocab_size": model_config.get("vocab_size"),
+    }
+
+
+def read_spec(path: str) -> dict:
+    if os.path.isdir(path):
+        return spec_from_directory(path)
+    spec = _read_json(path)
+    if not isinstance(spec, dict) or spec.get(SPEC_MARKER) != 1:
+        raise DataError(f"{path} is not a tokenizer spec written by `salt-megatron prepare`")
+    return spec
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def spec_bytes(spec: dict) -> bytes:
+    return json.dumps(spec, sort_keys=True).encode()
+
+
+class HFGPTTokenizer:
+    """An HF ``tokenizers`` tokenizer with what megatron-core's GPTDataset and ``prepare`` use (``eod``,
+    ``vocab_size``, ``tokenize``, ``unique_identifiers``)."""
+
+    def __init__(self, path: str):
+        require_modules("hf", "tokenizers")
+        from tokenizers import Tokenizer
+
+        if not os.path.exists(path):
+            raise MissingFile(f"tokenizer model not found: {path}")
+        self.model_path = os.path.abspath(path)
+        self.spec = read_spec(path)
+        self.hash = spec_hash(self.spec)
+        try:
+            self._tokenizer = Tokenizer.from_str(self.spec["tokenizer_json"])
+        except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type for a bad file
+            raise DataError(f"{path}: tokenizer.json does not load ({e})") from None
+        self.bos = self.spec["bos_token_id"]
+        self.eod = self.spec["eos_token_id"]
+        # the model's vocabulary when it is larger (its embedding rows beyond the tokenizer are never produced)
+        self.vocab_size = max(self._tokenizer.get_vocab_size(with_added_tokens=True),
+                              self.spec.get("model_vocab_size") or 0)
+
+    def tokenize(self, text: str) -> list[int]:
+        # special tokens as the tokenizer's own post-processor adds them (BOS for Llama; nothing for SmolLM2, Qwen2)
+        return self._tokenizer.encode(text, add_special_tokens=True).ids
+
+    def detokenize(self, ids) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        return OrderedDict([("class", f"{type(self).__module__}.{type(self).__qualname__}"), ("sha256", self.hash)])
+
+    def __reduce__(self):
+        return (HFGPTTokenizer, (self.model_path,))
