@@ -21,7 +21,8 @@
 #   salt_exec CMD...          print the command (+ ...) to stderr, then exec it
 #   salt_check WORLD SUB ARGS... `salt_megatron.cli SUB --check-only ARGS` in one process: a bad flag or input file
 #                             ends the launcher with the command's one-line error before any rank starts
-#   salt_torchrun SUB ARGS... exec `salt_megatron.cli SUB ARGS...` under torchrun, one torchrun per node
+#   salt_torchrun SUB ARGS... `salt_megatron.cli SUB ARGS...` under torchrun, one torchrun per node; SIGTERM and
+#                             SIGUSR1 are passed to its workers (checkpoint at the next step, exit 0)
 
 # PYTHON [python3], SMOKE (from SALT_SMOKE) [0] and WORKDIR (from SALT_WORKDIR) [$PWD/runs; smoke: $PWD/runs/smoke].
 salt_init() {
@@ -197,7 +198,32 @@ salt_check() {
 # this node (NODE_RANK of NNODES), rendezvous at MASTER_ADDR:MASTER_PORT, after salt_check.  Does not return.
 salt_torchrun() {
   salt_check "$((NNODES * GPUS_PER_NODE))" "$@" || exit $?
-  salt_exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
-    --nproc-per-node "$GPUS_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-    -m salt_megatron.cli "$@"
+  local cmd=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK"
+             --nproc-per-node "$GPUS_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+             -m salt_megatron.cli "$@")
+  echo "+ ${cmd[*]}" >&2
+  # Not exec'd: SIGTERM/SIGUSR1 (a scheduler's warning before the time limit, a preemption) are passed to the
+  # workers, which checkpoint at the next step and exit 0.  Sent to torchrun itself, SIGUSR1 would kill it and
+  # SIGTERM would have it kill the workers 30 s later, mid-save.
+  "${cmd[@]}" &
+  SALT_CHILD=$!
+  trap 'salt_forward_to_workers TERM' TERM
+  trap 'salt_forward_to_workers USR1' USR1
+  salt_wait_child
+}
+
+# salt_forward_to_workers SIG: send SIG to the processes torchrun ($SALT_CHILD) started.
+salt_forward_to_workers() {
+  echo "salt: SIG$1 received: passed to the workers (they checkpoint at the next step and exit 0)" >&2
+  pkill "-$1" -P "$SALT_CHILD" || true
+}
+
+# salt_wait_child: wait for $SALT_CHILD through any trapped signals, then exit with its status.
+salt_wait_child() {
+  local rc=0
+  while true; do
+    wait "$SALT_CHILD" && rc=0 || rc=$?
+    kill -0 "$SALT_CHILD" 2>/dev/null || break  # `wait` also returns when a trapped signal arrives
+  done
+  exit "$rc"
 }

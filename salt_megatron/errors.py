@@ -39,6 +39,10 @@ class ResumeMismatch(CheckpointError):
     """A resume whose flags differ from what the checkpoint recorded, without the override for that group."""
 
 
+class TrainingDiverged(SaltError, RuntimeError):
+    """A NaN/Inf loss or gradient: the run stops before saving it (``--check-for-nan-in-loss-and-grad``)."""
+
+
 def one_line(message: str) -> str:
     """``message`` on one line (a library message can hold line breaks)."""
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())

@@ -3,6 +3,8 @@ own rules (one place for ω and τ)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from salt_megatron.config import BatchConfig, KDDataSelection, SaltConfig
@@ -62,3 +64,17 @@ def test_omega_and_tau_are_checked_by_the_kd_ops_rules(flags, message):
     with pytest.raises(UsageError) as e:
         _args("--train-iters", "4", "--teacher-load", "t", "--kd-steps", "2", *flags)
     assert message in str(e.value)
+
+
+def test_megatron_users_spellings_and_defaults():
+    parser = build_pretrain_parser()
+    assert parser.parse_args(["--deepspeed_config", "ds.json"]).deepspeed_config == "ds.json"  # DeepSpeed's own
+    args = parser.parse_args([])
+    assert args.check_for_nan_in_loss_and_grad is True and args.log_format == "salt"
+    assert parser.parse_args(["--no-check-for-nan-in-loss-and-grad"]).check_for_nan_in_loss_and_grad is False
+    # the defaults README's "Coming from Megatron-LM" table says differ from Megatron-LM's
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for flag, value in (("position_embedding_type", "rope"), ("hidden_dropout", 0.0), ("lr_decay_style", "cosine"),
+                        ("weight_decay", 0.1), ("adam_beta2", 0.95), ("log_interval", 1), ("eval_iters", 10)):
+        assert getattr(args, flag) == value, flag
+        assert f"`--{flag.replace('_', '-')}" in readme, flag

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -209,3 +210,81 @@ def test_teacher_and_student_presets_share_the_padded_vocabulary():
     student = yaml.safe_load((CONFIGS / "paper_2p8b_student.yaml").read_text())
     for key in ("tensor-model-parallel-size", "make-vocab-size-divisible-by", "seq-length", "seed"):
         assert teacher[key] == student[key], key
+
+
+def test_launcher_passes_a_signal_to_the_workers_which_checkpoint_and_exit_0(chain, tmp_path):
+    """SIGUSR1 to pretrain_salt_gpt.sh (as srun passes SLURM's warning on): the torchrun workers save at the next step
+    and exit 0, and so does the launcher."""
+    save = tmp_path / "student"
+    env = _env(chain["work"], DATA_PATH=chain["data"], TEACHER=chain["teacher"], SAVE=save, TRAIN_ITERS="400")
+    proc = subprocess.Popen(["bash", str(EXAMPLES / "pretrain_salt_gpt.sh")], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step      3/400"):
+            break
+    else:
+        raise AssertionError("".join(seen[-40:]))
+    os.kill(proc.pid, signal.SIGUSR1)
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-4000:]
+    assert "SIGUSR1 received: passed to the workers" in out and "SIGUSR1 received (on this or another rank)" in out
+    assert 3 <= _checkpoint_step(save) < 400
+
+
+def test_sbatch_passes_slurms_warning_on_and_requeues(tmp_path):
+    """SLURM's SIGUSR1 (--signal=B:USR1@300) reaches srun; when the step ends well the job requeues itself."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    started, record = tmp_path / "srun_started", tmp_path / "record.txt"
+    fakes = {
+        "scontrol": "#!/usr/bin/env bash\nif [[ $1 == requeue ]]; then echo \"requeue $2\" >> \"$RECORD\"; "
+                    "else printf 'gpu-node-07\\n'; fi\n",
+        "srun": "#!/usr/bin/env bash\ntrap 'echo \"srun got USR1\" >> \"$RECORD\"; exit 0' USR1\n"
+                "touch \"$SRUN_STARTED\"\nwhile true; do sleep 0.1; done\n",
+    }
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = _env(tmp_path, SALT_SMOKE="0", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD=record,
+               SRUN_STARTED=started, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-node-07", SLURM_NNODES="1",
+               SLURM_SUBMIT_DIR=REPO)
+    proc = subprocess.Popen(["bash", str(EXAMPLES / "pretrain_salt_slurm.sbatch")], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGUSR1)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    assert record.read_text().splitlines() == ["srun got USR1", "requeue 4242"], out
+    assert "#SBATCH --signal=B:USR1@300" in (EXAMPLES / "pretrain_salt_slurm.sbatch").read_text()
+
+
+def _train_losses(metrics_file: Path) -> list[float]:
+    return [row["loss"] for row in map(json.loads, metrics_file.read_text().splitlines()) if row["kind"] == "train"]
+
+
+def test_two_nodes_with_tp_across_them_match_one_node(chain, tmp_path):
+    """pretrain_salt_gpt.sh as two "nodes" on this machine (two launchers, NODE_RANK 0 and 1, one process each,
+    rendezvous on 127.0.0.1), TP = 2 across them: the same losses as one node with two processes."""
+    common = dict(DATA_PATH=chain["data"], TEACHER=chain["teacher"], TP="2", MASTER_ADDR="127.0.0.1")
+    one = tmp_path / "one.jsonl"
+    _run("pretrain_salt_gpt.sh", _env(chain["work"], **common, SAVE=tmp_path / "one", NNODES="1",
+                                      GPUS_PER_NODE="2", EXTRA_ARGS=f"--metrics-file {one}"))
+    two = tmp_path / "two.jsonl"
+    port = str(29800 + os.getpid() % 150)
+    nodes = [subprocess.Popen(["bash", str(EXAMPLES / "pretrain_salt_gpt.sh")], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=_env(chain["work"], **common, SAVE=tmp_path / "two", NNODES="2", NODE_RANK=str(rank),
+                                       GPUS_PER_NODE="1", MASTER_PORT=port, EXTRA_ARGS=f"--metrics-file {two}"))
+             for rank in (0, 1)]
+    outs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, out in zip(nodes, outs):
+        assert node.returncode == 0, out[-4000:]
+    assert "--nnodes 2 --node-rank 1 --nproc-per-node 1" in outs[1]
+    assert "TP=2 PP=1 DP=1" in outs[0] + outs[1]
+    losses_one, losses_two = _train_losses(one), _train_losses(two)
+    assert len(losses_one) == STUDENT_ITERS and losses_two == losses_one
+    assert _checkpoint_step(tmp_path / "two") == STUDENT_ITERS

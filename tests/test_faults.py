@@ -152,3 +152,16 @@ def test_a_failed_dataset_write_keeps_the_previous_dataset_and_says_so(corpus, t
     assert re.match(r"salt-megatron prepare: error: could not write .*p_train.bin.*\(File too large; files are "
                     r"limited to 16384 bytes here \(ulimit -f\)\); nothing was replaced$", last), last
     assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
+
+
+def test_override_opt_param_scheduler_really_uses_the_flags_lr(corpus, tmp_path):
+    """megatron-core keeps max/min LR in the optimizer's param groups too; restored from the checkpoint they used to
+    win over the flags (and megatron-core asserted when both scheduler switches were set)."""
+    run = tmp_path / "run"
+    first = run_cli("pretrain", "--data-path", corpus, *TINY, "--train-iters", "2", "--save", run)
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = run_cli("pretrain", "--data-path", corpus, *TINY, "--train-iters", "3", "--load", run, "--save", run,
+                   "--lr", "5e-3", "--min-lr", "0", "--lr-decay-style", "constant", "--log-interval", "1",
+                   "--override-opt_param-scheduler")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"step +3/3 \| .*\| lr 5\.00e-03 \|", proc.stdout), proc.stdout[-2000:]

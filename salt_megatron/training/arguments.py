@@ -17,6 +17,7 @@ from salt_megatron.distributed import data_parallel_size
 from salt_megatron.kd.checks import check_kd_weight, check_temperature
 from salt_megatron.kd.select import IMPLS as KD_IMPLS
 from salt_megatron.schedule import TRANSITIONS
+from salt_megatron.training.metrics import LOG_FORMATS
 from salt_megatron.errors import ArgumentParser, UsageError, one_line, require_modules
 
 
@@ -88,6 +89,18 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-grad", type=float, default=1.0)
 
 
+def add_exit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("stopping early (SIGTERM/SIGUSR1 always: checkpoint at the next step, exit 0)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="checkpoint and exit 0 once the run has taken this long (Megatron-LM's flag)")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="checkpoint and exit 0 when the step is a multiple of this (Megatron-LM's flag)")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false", help="do not stop on a NaN/Inf loss or gradient norm")
+    g.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad", action="store_true",
+                   default=True, help=argparse.SUPPRESS)
+
+
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint directory to write")
@@ -114,12 +127,15 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-iters", type=int, default=10, help="global batches per evaluation")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--metrics-file", default=None, help="append one JSON line per log/eval event (rank last)")
+    g.add_argument("--log-format", choices=LOG_FORMATS, default="salt",
+                   help="console lines: compact (salt) or Megatron-LM's iteration/validation lines (megatron)")
 
 
 def add_deepspeed_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DeepSpeed")
     g.add_argument("--deepspeed", action="store_true", help="train the student through deepspeed.initialize")
-    g.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON (ZeRO stage, precision, batch sizes)")
+    g.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", default=None,
+                   help="DeepSpeed JSON (ZeRO stage, precision, batch sizes); DeepSpeed's own spelling works too")
 
 
 def add_salt_args(p: argparse.ArgumentParser) -> None:
@@ -163,7 +179,7 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default=None, help="YAML file of flag defaults (command-line flags win)")
     for add in (add_model_args, add_parallel_args, add_data_args, add_training_args, add_checkpoint_args,
-                add_logging_args, add_deepspeed_args, add_salt_args):
+                add_exit_args, add_logging_args, add_deepspeed_args, add_salt_args):
         add(p)
     return p
 
@@ -306,6 +322,10 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
         skip = args.kd_select_skip_fraction if args.kd_data_selection == "band" else 0.0
         if not 0.0 <= skip < 1.0 or skip + args.kd_select_fraction > 1.0:
             errors.append("--kd-select-skip-fraction + --kd-select-fraction must be <= 1")
+    if args.exit_interval is not None and args.exit_interval < 1:
+        errors.append("--exit-interval must be >= 1")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        errors.append("--exit-duration-in-mins must be > 0")
     if args.save_interval is not None and args.save_interval < 1:
         errors.append("--save-interval must be >= 1")
     if args.save_interval is not None and args.save is None:

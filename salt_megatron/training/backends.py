@@ -42,7 +42,9 @@ def build_lr_scheduler(optimizer, args):
         wd_incr_style="constant",
         # a resume checks the LR flags against the checkpoint first (training.consistency); here the flags win only
         # when --override-opt_param-scheduler says so
-        use_checkpoint_opt_param_scheduler=True, override_opt_param_scheduler=args.override_opt_param_scheduler,
+        # (megatron-core asserts that at most one of the two is set)
+        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
 
 

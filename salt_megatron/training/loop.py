@@ -13,10 +13,12 @@ save.
 from __future__ import annotations
 
 import os
+import time
 
 from salt_megatron.training.arguments import build_pretrain_parser, params_dtype, parse_with_config, \
     validate_pretrain_args
 from salt_megatron.training.evaluate import evaluate, model_fingerprint
+from salt_megatron.training.guards import StopRequests, check_finite
 from salt_megatron.training.setup import from_last_rank, setup
 from salt_megatron.training.state import Run
 from salt_megatron.training.step import train_step
@@ -58,9 +60,22 @@ def evaluate_all(run: Run) -> dict | None:
     return m
 
 
-def train(run: Run) -> dict:
-    args, state = run.args, run.state
+def train(run: Run, start_time: float | None = None) -> dict:
+    args = run.args
     history = {"train": [], "eval": []}
+    stop = StopRequests(exit_duration_in_mins=args.exit_duration_in_mins, exit_interval=args.exit_interval,
+                        start_time=start_time or time.time())
+    try:
+        _loop(run, history, stop)
+    finally:
+        stop.close()
+    history["teacher_forward_calls"] = run.teacher.forward_calls if run.teacher is not None else 0
+    return history
+
+
+def _loop(run: Run, history: dict, stop: StopRequests) -> None:
+    args, state = run.args, run.state
+    last_saved = run.resume_path
 
     def run_eval():
         m = evaluate_all(run)
@@ -76,6 +91,8 @@ def train(run: Run) -> dict:
             run.teacher.release()
             run.writer.message(f"step {state.step}: KD phase over (ω = 0); teacher released")
         m = train_step(run)
+        if args.check_for_nan_in_loss_and_grad:
+            check_finite(state.step, m, last_saved)  # before this step can be saved
         if "loss" in m:
             history["train"].append({"step": state.step, **m})
             run.writer.train(state.step, args.train_iters, m,
@@ -83,16 +100,24 @@ def train(run: Run) -> dict:
         last = state.step == args.train_iters
         if has_valid and (last or (args.eval_interval and state.step % args.eval_interval == 0)):
             run_eval()
-        if args.save and (last or (args.save_interval and state.step % args.save_interval == 0)):
-            save(run)
-    history["teacher_forward_calls"] = run.teacher.forward_calls if run.teacher is not None else 0
-    return history
+        saved_now = bool(args.save and (last or (args.save_interval and state.step % args.save_interval == 0)))
+        if saved_now:
+            last_saved = save(run)
+        reason = stop.reason(state.step) if not last else None  # collective: every rank stops at the same step
+        if reason is not None:
+            if args.save and not saved_now:
+                last_saved = save(run)
+            run.writer.message(f"step {state.step}: {reason}; stopping"
+                               + (f" (resume with --load {args.save})" if args.save else " (no --save: nothing kept)"))
+            history["exit_reason"] = reason
+            return
 
 
-def pretrain(args) -> dict:
+def pretrain(args, start_time: float | None = None) -> dict:
+    start_time = start_time or time.time()
     run = setup(args)
     try:
-        return train(run)
+        return train(run, start_time)
     finally:
         run.writer.close()
 
@@ -104,6 +129,7 @@ def main_returning(argv=None) -> dict:
     from salt_megatron.config import SaltConfig
     from salt_megatron.training.setup import check_inputs
 
+    start_time = time.time()  # --exit-duration-in-mins counts from here, as Megatron-LM's from its start
     args = parse_with_config(build_pretrain_parser(), argv)
     validate_pretrain_args(args, world_size=world_size_from_launcher())
     if args.check_only:
@@ -111,7 +137,7 @@ def main_returning(argv=None) -> dict:
         print(f"salt-megatron pretrain: the checks passed (data {inputs.train_prefix}, "
               + (f"resuming {inputs.resume_meta['path']})" if inputs.resume_meta else "a fresh start)"))
         return {"train": [], "eval": []}
-    return pretrain(args)
+    return pretrain(args, start_time)
 
 
 def main(argv=None) -> None:

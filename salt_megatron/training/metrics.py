@@ -1,20 +1,28 @@
 """Where training numbers go: one compact console line, tensorboard, and a JSON-lines file (for reports/plots).
 
 Only the last rank writes (it holds the loss: the last pipeline stage), as Megatron's ``print_rank_last`` does.
+``--log-format megatron`` prints Megatron-LM's own iteration and validation lines instead of the compact ones, so
+log parsers written for Megatron-LM work: ``lm loss`` is the next-token cross-entropy (as in Megatron-LM), and a
+KD step adds ``kd loss`` and ``salt loss`` (the optimised (1-ω)·CE + ω·τ²·KD).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
 import time
 
+LOG_FORMATS = ("salt", "megatron")
+
 
 class MetricsWriter:
     def __init__(self, *, enabled: bool, tensorboard_dir: str | None = None, metrics_file: str | None = None,
-                 stream=None):
+                 stream=None, log_format: str = "salt"):
         self.enabled = enabled
+        self.log_format = log_format
+        self.skipped_iterations = self.nan_iterations = 0
         self.stream = stream or sys.stdout
         self.tb = None
         self.file = None
@@ -33,7 +41,12 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._record("train", step, m)
+        self.skipped_iterations += bool(m.get("skipped"))
+        self.nan_iterations += m.get("loss") is not None and m["loss"] != m["loss"]
         if not echo:
+            return
+        if self.log_format == "megatron":
+            print(self._megatron_line(step, train_iters, m), file=self.stream, flush=True)
             return
         kd = f" kd {m['kd']:.4f}" if m.get("kd") is not None else ""
         print(
@@ -43,8 +56,29 @@ class MetricsWriter:
             file=self.stream, flush=True,
         )
 
+    def _megatron_line(self, step: int, train_iters: int, m: dict) -> str:
+        """Megatron-LM's ``training_log`` line, field for field."""
+        line = (f" [{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] iteration {step:8d}/{train_iters:8d} |"
+                f" consumed samples: {m['consumed_samples']:12d} |"
+                f" elapsed time per iteration (ms): {m['step_time_s'] * 1000.0:.1f} |"
+                f" learning rate: {m['lr']:.6E} | global batch size: {m['global_batch_size']:5d} |"
+                f" lm loss: {m['ce']:.6E} |")
+        if m.get("kd") is not None:
+            line += f" kd loss: {m['kd']:.6E} | salt loss: {m['loss']:.6E} | kd weight: {m['kd_weight']:.3f} |"
+        line += " loss scale: 1.0 |"
+        if m.get("grad_norm_measured"):
+            line += f" grad norm: {m['grad_norm']:.3f} |"
+        return line + (f" number of skipped iterations: {self.skipped_iterations:3d} |"
+                       f" number of nan iterations: {self.nan_iterations:3d} |")
+
     def eval(self, step: int, m: dict) -> None:
         if not self.enabled:
+            return
+        if self.log_format == "megatron":  # Megatron-LM's evaluate_and_print_results
+            text = (f" validation loss at iteration {step} | lm loss value: {m['val_loss']:.6E} | "
+                    f"lm loss PPL: {m['val_ppl']:.6E} | ")
+            print("-" * (len(text) + 1) + "\n" + text + "\n" + "-" * (len(text) + 1), file=self.stream, flush=True)
+            self._record("eval", step, m)
             return
         extra = "".join(f" | {k[len('val_loss_'):]} {v:.4f}" for k, v in m.items() if k.startswith("val_loss_"))
         print(f"step {step:>6} | validation loss {m['val_loss']:.4f} | ppl {m['val_ppl']:.2f}{extra}",

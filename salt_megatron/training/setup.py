@@ -204,6 +204,11 @@ def resume(run: Run, resume_meta: dict | None, overrides: list) -> None:
         changes = ", ".join(f"{k} {now!r} (checkpoint: {then!r})" for k, (then, now) in o["changes"].items())
         run.writer.message(f"resuming with another {o['group']} than the checkpoint's, as asked: {changes}")
     run.backend.load(resume_meta["path"])
+    if run.args.override_opt_param_scheduler:
+        # megatron-core's param groups carry their own max/min LR, restored from the checkpoint with the optimizer:
+        # the flags must win there too, or the scheduler keeps computing the checkpoint's LR
+        for group in run.scheduler.optimizer.param_groups:
+            group.update({k: v for k, v in (("max_lr", run.args.lr), ("min_lr", run.args.min_lr)) if k in group})
     run.scheduler.load_state_dict(resume_meta["opt_param_scheduler"])
     run.state = TrainState(step=int(resume_meta["step"]), consumed_samples=int(resume_meta["consumed_samples"]))
     run.init_fingerprint = resume_meta.get("init_fingerprint")
@@ -219,7 +224,8 @@ def setup(args) -> Run:
     initialize_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                            backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes)
     last_rank = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
-    writer = MetricsWriter(enabled=last_rank, tensorboard_dir=args.tensorboard_dir, metrics_file=args.metrics_file)
+    writer = MetricsWriter(enabled=last_rank, tensorboard_dir=args.tensorboard_dir, metrics_file=args.metrics_file,
+                           log_format=args.log_format)
     torch.manual_seed(args.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
 
@@ -229,7 +235,7 @@ def setup(args) -> Run:
     teacher = build_teacher(args, salt, inputs, writer)
     run = Run(args=args, salt=salt, batch=BatchConfig.from_args(args), arch=inputs.arch, backend=backend,
               scheduler=scheduler, teacher=teacher, data=data, tokenizer=inputs.tokenizer, writer=writer,
-              record=inputs.record)
+              record=inputs.record, resume_path=inputs.resume_meta and inputs.resume_meta["path"])
     resume(run, inputs.resume_meta, inputs.overrides)
     arch = inputs.arch
     params = sum(p.numel() for p in backend.model.parameters())

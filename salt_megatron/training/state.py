@@ -41,3 +41,4 @@ class Run:
     init_fingerprint: list | None = None  # the logits fingerprint of the random init (refuses untrained teachers)
     record: dict = dataclasses.field(default_factory=dict)  # what the run is, checked by a resume (consistency)
     overrides: list = dataclasses.field(default_factory=list)  # settings changed on resume, by override flags
+    resume_path: str | None = None  # the checkpoint the run resumed from (the latest good one until it saves)

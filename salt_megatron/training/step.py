@@ -81,6 +81,8 @@ def train_step(run: Run) -> dict:
         "token_checksum": int(dp_mean([sum(float(b["tokens"].sum()) for b in batches)])[0] * batch.data_parallel_size),
         "tokens_per_s": batch.global_batch_size * batch.seq_length / step_time,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "grad_norm_measured": grad_norm is not None,  # NaN above means "not available", not a NaN gradient
+        "consumed_samples": state.consumed_samples, "global_batch_size": batch.global_batch_size,
         "skipped": not update_applied, "teacher_ran": use_teacher,
     }
     if parallel_state.is_pipeline_last_stage():  # where the loss lives
