@@ -137,7 +137,8 @@ def main():
         ours = run_workers(_imported_logits, tp, ckpt, tokens)[0]
         parity[tp] = (ours - reference).abs().max().item()
     print(f"parity on {tokens.shape[1]} SOTU tokens x {reference.shape[-1]} vocab: max |logit Δ| "
-          f"TP=1 {parity[1]:.2e}, TP={tp_split} {parity[tp_split]:.2e} (|logits| up to {reference.abs().max().item():.1f}; "
+          f"TP=1 {parity[1]:.2e}, TP={tp_split} {parity[tp_split]:.2e} "
+          f"(|logits| up to {reference.abs().max().item():.1f}; "
           f"next-token argmax agrees on {(reference.argmax(-1) == ours.argmax(-1)).float().mean().item():.0%})")
 
     data = os.path.join(work, "data", "sotu_smollm2")

@@ -193,6 +193,7 @@ def _write_failures() -> tuple:
 
 
 _WRITE_FAILURES = _write_failures()
+LOAD_FAILURES = _WRITE_FAILURES  # what a failed dist_checkpointing load raises: the same two
 
 
 def _root_cause(error: BaseException) -> str:

@@ -16,18 +16,43 @@ import gc
 
 import torch
 
-from salt_megatron import fingerprint
+from salt_megatron import fingerprint, megatron_lm
 from salt_megatron.model import GPTArchitecture, build_gpt_model, causal_attention_mask
-from salt_megatron.checkpointing import load_model_weights, read_meta
+from salt_megatron.checkpointing import LOAD_FAILURES, _root_cause, load_model_weights, read_meta
 from salt_megatron.errors import CheckpointError, TeacherRefused
 
 
-def check_teacher_checkpoint(load_dir: str, *, tokenizer_hash: str, padded_vocab_size: int) -> dict:
-    """Validate the teacher's checkpoint metadata against the student (cheap: builds nothing).  Returns the meta."""
+def check_teacher_checkpoint(load_dir: str, *, tokenizer_hash: str, padded_vocab_size: int,
+                             vocab_size: int | None = None, model_config: str | None = None,
+                             tokenizer_model: str | None = None) -> dict:
+    """Validate the teacher's checkpoint metadata against the student (cheap: builds nothing).  Returns the meta.
+
+    A Megatron-LM checkpoint (``megatron_lm``) is described by the args saved in it or ``model_config``, its
+    tokenizer by its args or ``tokenizer_model``; ``vocab_size`` is the student's tokenizer's."""
+    if megatron_lm.is_megatron_lm_checkpoint(load_dir):
+        try:
+            meta = megatron_lm.teacher_meta(load_dir, vocab_size=vocab_size or padded_vocab_size,
+                                            model_config=model_config, tokenizer_model=tokenizer_model)
+        except CheckpointError as e:
+            raise TeacherRefused(f"teacher checkpoint: {e}") from None
+        return _check_against_student(meta, tokenizer_hash, padded_vocab_size)
+    if model_config is not None or tokenizer_model is not None:
+        raise TeacherRefused("--teacher-model-config / --teacher-tokenizer-model are for Megatron-LM checkpoints; "
+                             f"{load_dir} is a salt_megatron checkpoint, which describes itself")
     try:
         meta = read_meta(load_dir)
     except CheckpointError as e:
         raise TeacherRefused(f"teacher checkpoint: {e}") from None
+    meta = _check_against_student(meta, tokenizer_hash, padded_vocab_size)
+    if (int(meta.get("step", 0)) <= 0 and not meta.get("imported_from")) or "fingerprint" not in meta:
+        raise TeacherRefused(f"the teacher checkpoint {meta['path']} is at step 0: it was never trained")
+    init_fp = meta.get("init_fingerprint")
+    if init_fp is not None and fingerprint.matches(meta["fingerprint"], init_fp, rtol=1e-6):
+        raise TeacherRefused(f"the teacher checkpoint {meta['path']} is still at its random initialisation")
+    return meta
+
+
+def _check_against_student(meta: dict, tokenizer_hash: str, padded_vocab_size: int) -> dict:
     if meta.get("tokenizer_hash") != tokenizer_hash:
         raise TeacherRefused(
             f"the teacher in {meta['path']} was trained with another tokenizer (hash "
@@ -40,11 +65,6 @@ def check_teacher_checkpoint(load_dir: str, *, tokenizer_hash: str, padded_vocab
             f"padded vocab sizes differ: teacher {teacher_padded}, student {padded_vocab_size}; use the same "
             "--make-vocab-size-divisible-by (and a TP size it divides) for both"
         )
-    if (int(meta.get("step", 0)) <= 0 and not meta.get("imported_from")) or "fingerprint" not in meta:
-        raise TeacherRefused(f"the teacher checkpoint {meta['path']} is at step 0: it was never trained")
-    init_fp = meta.get("init_fingerprint")
-    if init_fp is not None and fingerprint.matches(meta["fingerprint"], init_fp, rtol=1e-6):
-        raise TeacherRefused(f"the teacher checkpoint {meta['path']} is still at its random initialisation")
     return meta
 
 
@@ -59,13 +79,22 @@ class Teacher:
         self.tp_group = tp_group
         model = build_gpt_model(self.arch, params_dtype=params_dtype, pre_process=True, post_process=True,
                                 whole_model=True, pg_collection=pg_collection)
+        self.model = model
+        before = self.probe_fingerprint() if meta["fingerprint"] is None else None  # (collective under TP)
         # collective: every rank loads, then the stages before the last drop it
-        load_model_weights(meta["path"], model, replicated_on_every_stage=pg_collection is not None)
+        try:
+            load_model_weights(meta["path"], model, replicated_on_every_stage=pg_collection is not None)
+        except LOAD_FAILURES as e:  # missing or mis-shaped tensors: refuse, never train against a half-loaded teacher
+            raise TeacherRefused(f"the teacher's weights did not load from {meta['path']}: {_root_cause(e)}") from e
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
         self.model = model if is_last_stage else None
-        if self.model is not None:
+        if self.model is not None and meta["fingerprint"] is None:  # a Megatron-LM checkpoint saves no fingerprint
+            if fingerprint.matches(self.probe_fingerprint(), before, rtol=1e-6):
+                raise TeacherRefused(f"the teacher's weights did not load from {meta['path']}: its logits are its "
+                                     "random initialisation's")
+        elif self.model is not None:
             got = self.probe_fingerprint()
             if not fingerprint.matches(got, meta["fingerprint"]):
                 raise TeacherRefused(

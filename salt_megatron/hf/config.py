@@ -74,7 +74,8 @@ def architecture_from_hf(config: dict, *, tensor_model_parallel_size: int = 1, m
         seq_length=seq_length or min(max_positions, DEFAULT_SEQ_LENGTH_CAP),
         vocab_size=vocab, padded_vocab_size=pad_vocab_size(vocab, tp, make_vocab_size_divisible_by),
         num_query_groups=kv_heads if kv_heads != heads else None, normalization="RMSNorm", activation="swiglu",
-        position_embedding_type="rope", untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
+        position_embedding_type="rope",
+        untie_embeddings_and_output_weights=not config.get("tie_word_embeddings", False),
         norm_epsilon=float(config.get("rms_norm_eps", 1e-6)), rotary_base=theta, rope_scaling_factor=rope_factor,
         add_qkv_bias=kind == "Qwen2ForCausalLM",
     )

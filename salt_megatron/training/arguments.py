@@ -140,7 +140,13 @@ def add_deepspeed_args(p: argparse.ArgumentParser) -> None:
 
 def add_salt_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SALT (knowledge distillation from a small teacher)")
-    g.add_argument("--teacher-load", default=None, help="checkpoint dir of the trained small LM; enables SALT")
+    g.add_argument("--teacher-load", default=None,
+                   help="checkpoint dir of the trained small LM (salt_megatron's, import-hf's, or Megatron-LM's "
+                        "torch_dist); enables SALT")
+    g.add_argument("--teacher-model-config", default=None, metavar="YAML",
+                   help="a Megatron-LM teacher's architecture (Megatron-LM flag names) instead of its saved args")
+    g.add_argument("--teacher-tokenizer-model", default=None,
+                   help="a Megatron-LM teacher's tokenizer, when the path in its args is not on this machine")
     g.add_argument("--kd-steps", type=int, default=None, help="n_KD: steps with distillation (= train iters: RKD)")
     g.add_argument("--kd-weight", type=float, default=0.5, help="ω: weight of the KD term during the KD phase")
     g.add_argument("--kd-temperature", type=float, default=1.0, help="τ for the teacher's soft labels")

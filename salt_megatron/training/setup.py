@@ -99,7 +99,10 @@ def check_inputs(args, salt: SaltConfig) -> Inputs:
     teacher_meta = None
     if salt.uses_teacher:
         teacher_meta = check_teacher_checkpoint(salt.teacher_load, tokenizer_hash=tokenizer.hash,
-                                                padded_vocab_size=arch.padded_vocab_size)
+                                                padded_vocab_size=arch.padded_vocab_size,
+                                                vocab_size=tokenizer.vocab_size,
+                                                model_config=args.teacher_model_config,
+                                                tokenizer_model=args.teacher_tokenizer_model)
     sidecar = None
     if salt.data_selection is not None:
         sidecar = scores.load_sidecar(salt.data_selection.scored_data_path or train_prefix, seq_length=args.seq_length)
