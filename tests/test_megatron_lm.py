@@ -11,7 +11,7 @@ import os
 import pytest
 
 from tests.cli_run import refused_in_process, run_cli
-from tests.conftest import STUDENT, TEACHER
+from tests.conftest import STUDENT
 from tests.dist_utils import run_workers
 
 STEP = 8
