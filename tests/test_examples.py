@@ -109,22 +109,27 @@ def test_sbatch_without_slurm_runs_locally_with_salt_ds(chain, scored, tmp_path)
     assert _checkpoint_step(save) == STUDENT_ITERS
 
 
-def test_sbatch_under_slurm_starts_one_launcher_per_node(tmp_path):
-    """A fake scontrol/srun: the SLURM branch derives the rendezvous and hands srun one task per node."""
+def _slurm_env(tmp_path, fakes: dict, **extra) -> dict:
+    """The environment of a job under fake SLURM commands (``fakes``: name -> bash script) put first on PATH."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    for name, text in fakes.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + text)
+        (bin_dir / name).chmod(0o755)
+    return _env(tmp_path, SALT_SMOKE="0", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242",
+                SLURM_SUBMIT_DIR=REPO, **extra)
+
+
+def test_sbatch_under_slurm_starts_one_launcher_per_node(tmp_path):
+    """A fake scontrol/srun: the SLURM branch derives the rendezvous and hands srun one task per node."""
     record = tmp_path / "srun.txt"
     fakes = {
-        "scontrol": "#!/usr/bin/env bash\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n",
-        "srun": "#!/usr/bin/env bash\n{ echo \"ARGS $*\"; env | grep -E '^(MASTER_ADDR|MASTER_PORT|NNODES|"
-                "GPUS_PER_NODE|NODE_RANK)=' | sort; } > \"$SRUN_RECORD\"\n",
+        "scontrol": "printf 'gpu-node-07\\ngpu-node-08\\n'\n",
+        "srun": "{ echo \"ARGS $*\"; env | grep -E '^(MASTER_ADDR|MASTER_PORT|NNODES|GPUS_PER_NODE|NODE_RANK)=' "
+                "| sort; } > \"$SRUN_RECORD\"\n",
     }
-    for name, text in fakes.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = _env(tmp_path, SALT_SMOKE="0", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SRUN_RECORD=record,
-               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_NNODES="2",
-               SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=REPO, NODE_RANK="5")
+    env = _slurm_env(tmp_path, fakes, SRUN_RECORD=record, SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_NNODES="2",
+                     SLURM_GPUS_ON_NODE="4", NODE_RANK="5")
     _run("pretrain_salt_slurm.sbatch", env)
     lines = record.read_text().splitlines()
     assert lines[0].startswith("ARGS --kill-on-bad-exit=1 --nodes=2 --ntasks=2 --ntasks-per-node=1 bash ")
@@ -235,21 +240,14 @@ def test_launcher_passes_a_signal_to_the_workers_which_checkpoint_and_exit_0(cha
 
 def test_sbatch_passes_slurms_warning_on_and_requeues(tmp_path):
     """SLURM's SIGUSR1 (--signal=B:USR1@300) reaches srun; when the step ends well the job requeues itself."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     started, record = tmp_path / "srun_started", tmp_path / "record.txt"
     fakes = {
-        "scontrol": "#!/usr/bin/env bash\nif [[ $1 == requeue ]]; then echo \"requeue $2\" >> \"$RECORD\"; "
-                    "else printf 'gpu-node-07\\n'; fi\n",
-        "srun": "#!/usr/bin/env bash\ntrap 'echo \"srun got USR1\" >> \"$RECORD\"; exit 0' USR1\n"
-                "touch \"$SRUN_STARTED\"\nwhile true; do sleep 0.1; done\n",
+        "scontrol": "if [[ $1 == requeue ]]; then echo \"requeue $2\" >> \"$RECORD\"; else echo gpu-node-07; fi\n",
+        "srun": "trap 'echo \"srun got USR1\" >> \"$RECORD\"; exit 0' USR1\ntouch \"$SRUN_STARTED\"\n"
+                "while true; do sleep 0.1; done\n",
     }
-    for name, text in fakes.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = _env(tmp_path, SALT_SMOKE="0", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD=record,
-               SRUN_STARTED=started, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-node-07", SLURM_NNODES="1",
-               SLURM_SUBMIT_DIR=REPO)
+    env = _slurm_env(tmp_path, fakes, RECORD=record, SRUN_STARTED=started, SLURM_JOB_NODELIST="gpu-node-07",
+                     SLURM_NNODES="1")
     proc = subprocess.Popen(["bash", str(EXAMPLES / "pretrain_salt_slurm.sbatch")], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 60
