@@ -159,7 +159,7 @@ def score(args) -> dict | None:
     from megatron.core import parallel_state, tensor_parallel
 
     from salt_megatron.data.gpt_data import build_gpt_datasets, check_indexed_dataset, resolve_data_prefixes
-    from salt_megatron.data.tokenizer import load_tokenizer
+    from salt_megatron.data.tokenizer_types import tokenizer_from_flags
     from salt_megatron.distributed import initialize_distributed
     from salt_megatron.model import GPTArchitecture, build_gpt_model
     from salt_megatron import checkpointing
@@ -175,7 +175,7 @@ def score(args) -> dict | None:
     prefix = valid_prefix if args.split == "valid" else train_prefix
     if prefix is None:
         raise DataError(f"{args.data_path} has no {args.split} split")
-    tokenizer = load_tokenizer(args.tokenizer_model or meta["tokenizer_model"])
+    tokenizer = tokenizer_from_flags(args, lambda: meta["tokenizer_model"])
     check_teacher_checkpoint(args.load, tokenizer_hash=tokenizer.hash, padded_vocab_size=arch.padded_vocab_size)
     if args.score_topk < 1:
         raise UsageError("--score-topk must be >= 1")

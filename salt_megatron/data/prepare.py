@@ -23,16 +23,20 @@ import time
 
 import numpy as np
 
+from salt_megatron.data.tokenizer_types import TOKENIZER_TYPES, check_type, spec_from_flags
 from salt_megatron.hf.tokenizer import SPEC_SUFFIX, is_hf_tokenizer, read_spec, spec_bytes
 from salt_megatron.data.tokenizer import iter_documents, load_tokenizer, sentencepiece_model_bytes, tokenizer_hash
 from salt_megatron.files import atomic_files
-from salt_megatron.errors import ArgumentParser, DataError
+from salt_megatron.errors import ArgumentParser, DataError, UsageError
 
 _CHUNK_DOCS = 32  # documents per pool task: big enough to amortise IPC, small enough for a smooth progress bar
 
 
-def _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, valid_fraction):
-    if (vocab_size is None) == (tokenizer_model is None):
+def _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, valid_fraction, tokenizer_spec):
+    if tokenizer_spec is not None:
+        if vocab_size is not None or tokenizer_model is not None:
+            raise DataError("a tokenizer given by --tokenizer-type takes no vocab_size/tokenizer_model besides")
+    elif (vocab_size is None) == (tokenizer_model is None):
         raise DataError("give exactly one of vocab_size (train a tokenizer) or tokenizer_model (use one)")
     if vocab_size is not None and vocab_size <= 0:
         raise DataError(f"vocab_size must be positive, got {vocab_size}")
@@ -126,6 +130,7 @@ def prepare(
     *,
     vocab_size=None,
     tokenizer_model=None,
+    tokenizer_spec=None,
     valid_inputs=None,
     valid_fraction=0.0,
     seed=1234,
@@ -144,7 +149,7 @@ def prepare(
     from tqdm import tqdm
 
     inputs, valid_inputs = list(inputs), list(valid_inputs or [])
-    _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, valid_fraction)
+    _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, valid_fraction, tokenizer_spec)
     skipped = collections.Counter()
     train_counts = _count_documents(inputs, json_key, split_lines, skipped)
     valid_counts = _count_documents(valid_inputs, json_key, split_lines, skipped)
@@ -161,7 +166,7 @@ def prepare(
 
     workers = workers or min(4, os.cpu_count() or 1)
     splits = _split_names(valid_requested)
-    hf = tokenizer_model is not None and is_hf_tokenizer(tokenizer_model)
+    hf = tokenizer_spec is not None or (tokenizer_model is not None and is_hf_tokenizer(tokenizer_model))
     model_path = output_prefix + (SPEC_SUFFIX if hf else ".model")
     summary_path = output_prefix + ".json"
     # every output under a temporary name until all are written; then renamed in this order (each split's .idx
@@ -170,7 +175,9 @@ def prepare(
                summary_path]
     with atomic_files(*outputs) as tmp_paths:
         tmp = dict(zip(outputs, tmp_paths))
-        if tokenizer_model is None:
+        if tokenizer_spec is not None:  # GPT2BPE or Null: the spec the flags describe
+            model_bytes = spec_bytes(tokenizer_spec)
+        elif tokenizer_model is None:
             model_bytes = sentencepiece_model_bytes(inputs, vocab_size, json_key=json_key)
         elif hf:  # the HF tokenizer as one spec file (tokenizer.json, BOS/EOS, the model's vocabulary size)
             model_bytes = spec_bytes(read_spec(tokenizer_model))
@@ -241,18 +248,33 @@ def main(argv=None) -> dict:
     p.add_argument("--valid-input", nargs="+", default=None, metavar="FILE", help="validation documents")
     p.add_argument("--valid-fraction", type=float, default=0.0, help="random fraction of documents for validation")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX")
-    tok = p.add_mutually_exclusive_group(required=True)
-    tok.add_argument("--vocab-size", type=int, help="train a SentencePiece tokenizer of this size")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--vocab-size", type=int,
+                     help="train a SentencePiece tokenizer of this size (NullTokenizer: the number of ids)")
     tok.add_argument("--tokenizer-model", metavar="M",
                      help="use this SentencePiece .model, or a Hugging Face tokenizer directory (tokenizer.json)")
+    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                   help="Megatron-LM's tokenizer types (default: from --tokenizer-model, or SentencePiece)")
+    p.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    p.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--json-keys", default="text", metavar="KEY", help="JSONL field holding the text")
     p.add_argument("--split-lines", action="store_true", help="text files: each non-empty line is a document")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-append-eod", dest="append_eod", action="store_false")
     args = p.parse_args(argv)
+    spec = spec_from_flags(args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
+                           vocab_size=args.vocab_size)
+    if spec is None and args.vocab_size is None and args.tokenizer_model is None:
+        raise UsageError("give --vocab-size N (train a SentencePiece tokenizer), --tokenizer-model M, or "
+                         "--tokenizer-type GPT2BPETokenizer/NullTokenizer with its files or size")
+    if spec is not None:
+        args.vocab_size = None
+    elif args.tokenizer_type is not None and args.tokenizer_model is not None:
+        check_type(load_tokenizer(args.tokenizer_model), args.tokenizer_type, args.tokenizer_model)
     result = prepare(
         args.input, args.output_prefix, vocab_size=args.vocab_size, tokenizer_model=args.tokenizer_model,
+        tokenizer_spec=spec,
         valid_inputs=args.valid_input, valid_fraction=args.valid_fraction, seed=args.seed,
         workers=args.workers, json_key=args.json_keys, append_eod=args.append_eod, split_lines=args.split_lines,
     )

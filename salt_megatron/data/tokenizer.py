@@ -223,8 +223,12 @@ def load_tokenizer(model_path: str):
     ``.tokenize``, ...)."""
     from salt_megatron.hf import tokenizer as hf_tokenizer
 
-    if hf_tokenizer.is_hf_tokenizer(model_path):
+    if os.path.isdir(model_path):
         return hf_tokenizer.HFGPTTokenizer(model_path)
+    if hf_tokenizer.is_hf_tokenizer(model_path):  # a spec prepare wrote: HF, GPT2BPE or Null
+        from salt_megatron.data.tokenizer_types import tokenizer_from_spec
+
+        return tokenizer_from_spec(hf_tokenizer.read_spec(model_path), os.path.abspath(model_path))
     if not os.path.isfile(model_path):
         raise MissingFile(f"tokenizer model not found: {model_path}")
     try:

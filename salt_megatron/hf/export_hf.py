@@ -30,7 +30,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def _tokenizer_files(tokenizer, tmp_dir: str) -> tuple[int | None, int | None]:
     """Write the tokenizer the model was trained with into ``tmp_dir``; returns (bos id, eos id) for config.json."""
     spec = getattr(tokenizer, "spec", None)
-    if spec is not None:  # a Hugging Face tokenizer: its tokenizer.json and what BOS/EOS it uses
+    if spec is not None and spec.get("type") == "NullTokenizer":  # ids as text: nothing for transformers to load
+        return None, tokenizer.eod
+    if spec is not None:  # HF or GPT-2 BPE: its tokenizer.json and what BOS/EOS it uses
         with open(os.path.join(tmp_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
             f.write(spec["tokenizer_json"])
         bos, eos = spec["bos_token_id"], spec["eos_token_id"]
@@ -60,13 +62,13 @@ def build_parser() -> ArgumentParser:
 
 
 def export_hf(args) -> str | None:
-    from salt_megatron.data.tokenizer import load_tokenizer
+    from salt_megatron.data.tokenizer_types import tokenizer_from_flags
 
     start = time.time()
     meta = checkpointing.read_meta(args.load)
     arch = GPTArchitecture.from_dict(meta["arch"])
     kind = check_exportable(arch, meta["path"])
-    tokenizer = load_tokenizer(args.tokenizer_model or meta["tokenizer_model"])
+    tokenizer = tokenizer_from_flags(args, lambda: meta["tokenizer_model"])
     if tokenizer.hash != meta.get("tokenizer_hash"):
         raise DataError(f"the tokenizer {tokenizer.model_path} differs from the one {meta['path']} was trained with "
                         f"({meta.get('tokenizer_model')}): pass that one with --tokenizer-model")

@@ -82,6 +82,29 @@ def spec_from_directory(directory: str) -> dict:
     }
 
 
+def spec_from_gpt2_files(vocab_file: str, merge_file: str) -> dict:
+    """Megatron-LM's GPT2BPETokenizer (GPT-2's byte-level BPE from ``vocab.json`` + ``merges.txt``, EOD
+    ``<|endoftext|>``, no BOS) as a spec."""
+    require_modules("hf", "tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    for path, flag in ((vocab_file, "--vocab-file"), (merge_file, "--merge-file")):
+        if not path or not os.path.isfile(path):
+            raise MissingFile(f"GPT2BPETokenizer needs {flag} (GPT-2's vocab.json / merges.txt): {path} not found")
+    try:
+        bpe = models.BPE.from_file(vocab_file, merge_file)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type for a bad file
+        raise DataError(f"{vocab_file} / {merge_file}: not a GPT-2 BPE vocabulary and merges ({e})") from None
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    eod = tokenizer.token_to_id("<|endoftext|>")
+    if eod is None:
+        raise DataError(f"{vocab_file} has no <|endoftext|> token (GPT2BPETokenizer's end of document)")
+    return {SPEC_MARKER: 1, "type": "GPT2BPETokenizer", "tokenizer_json": tokenizer.to_str(), "bos_token_id": None,
+            "eos_token_id": eod, "model_vocab_size": None}
+
+
 def read_spec(path: str) -> dict:
     if os.path.isdir(path):
         return spec_from_directory(path)
@@ -103,14 +126,15 @@ class HFGPTTokenizer:
     """An HF ``tokenizers`` tokenizer with what megatron-core's GPTDataset and ``prepare`` use (``eod``,
     ``vocab_size``, ``tokenize``, ``unique_identifiers``)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, spec: dict | None = None):
+        """From a directory or a spec file (``path``), or from a ``spec`` made in memory (``path`` names it)."""
         require_modules("hf", "tokenizers")
         from tokenizers import Tokenizer
 
-        if not os.path.exists(path):
+        if spec is None and not os.path.exists(path):
             raise MissingFile(f"tokenizer model not found: {path}")
-        self.model_path = os.path.abspath(path)
-        self.spec = read_spec(path)
+        self.model_path = os.path.abspath(path) if spec is None else path
+        self.spec = read_spec(path) if spec is None else spec
         self.hash = spec_hash(self.spec)
         try:
             self._tokenizer = Tokenizer.from_str(self.spec["tokenizer_json"])
@@ -134,4 +158,4 @@ class HFGPTTokenizer:
         return OrderedDict([("class", f"{type(self).__module__}.{type(self).__qualname__}"), ("sha256", self.hash)])
 
     def __reduce__(self):
-        return (HFGPTTokenizer, (self.model_path,))
+        return (HFGPTTokenizer, (self.model_path, self.spec))

@@ -12,6 +12,7 @@ import os
 import yaml
 
 from salt_megatron.data.scores import SCORE_NAMES
+from salt_megatron.data.tokenizer_types import TOKENIZER_TYPES
 from salt_megatron.data.selection import MODES as SELECTION_MODES
 from salt_megatron.distributed import data_parallel_size
 from salt_megatron.kd.checks import check_kd_weight, check_temperature
@@ -64,6 +65,11 @@ def add_data_args(p: argparse.ArgumentParser, *, required: bool = False) -> None
                         "logged as val_loss_NAME")
     g.add_argument("--tokenizer-model", default=None,
                    help="SentencePiece .model or Hugging Face tokenizer; default: what prepare wrote beside DATA_PATH")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                   help="Megatron-LM's tokenizer types (default: what --tokenizer-model, or prepare's file, is)")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: the number of ids")
     g.add_argument("--data-cache-path", default=None, help="where GPTDataset caches its index files")
 
 

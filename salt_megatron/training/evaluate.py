@@ -126,7 +126,7 @@ def evaluate_checkpoint(args) -> dict | None:
 
     from salt_megatron import checkpointing
     from salt_megatron.data.gpt_data import build_gpt_datasets, resolve_data_prefixes
-    from salt_megatron.data.tokenizer import load_tokenizer
+    from salt_megatron.data.tokenizer_types import tokenizer_from_flags
     from salt_megatron.distributed import initialize_distributed
     from salt_megatron.model import build_gpt_model
 
@@ -134,7 +134,7 @@ def evaluate_checkpoint(args) -> dict | None:
     arch = GPTArchitecture.from_dict(meta["arch"])
     train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path, args.valid_data_path)
     prefix = valid_prefix if args.split == "valid" and valid_prefix else train_prefix
-    tokenizer = load_tokenizer(args.tokenizer_model or meta["tokenizer_model"])
+    tokenizer = tokenizer_from_flags(args, lambda: meta["tokenizer_model"])
     if tokenizer.hash != meta["tokenizer_hash"]:
         raise DataError(f"the tokenizer {tokenizer.model_path} differs from the one {meta['path']} was trained with "
                         f"({meta.get('tokenizer_model')}): pass that one with --tokenizer-model")

@@ -12,9 +12,9 @@ save.
 
 from __future__ import annotations
 
-import os
 import time
 
+from salt_megatron.data.tokenizer_types import checkpoint_record
 from salt_megatron.training.arguments import build_pretrain_parser, params_dtype, parse_with_config, \
     validate_pretrain_args
 from salt_megatron.training.evaluate import evaluate, model_fingerprint
@@ -33,7 +33,7 @@ def checkpoint_meta(run: Run) -> dict:
         "opt_param_scheduler": run.scheduler.state_dict(),
         "salt_schedule": run.salt.schedule.state_dict() if run.salt.schedule is not None else None,
         "tokenizer_hash": run.tokenizer.hash,
-        "tokenizer_model": os.path.abspath(run.tokenizer.model_path),
+        "tokenizer_model": checkpoint_record(run.tokenizer),
         "fingerprint": from_last_rank(model_fingerprint(run.backend.model, run.arch)),
         "init_fingerprint": run.init_fingerprint,
         "params_dtype": str(params_dtype(args)),

@@ -83,14 +83,14 @@ def student_architecture(args, vocab_size: int) -> GPTArchitecture:
 def check_inputs(args, salt: SaltConfig) -> Inputs:
     """Data files, tokenizer, resume point, teacher metadata and score sidecar: cheap, nothing is built."""
     from salt_megatron.data.gpt_data import check_indexed_dataset, resolve_data_prefixes
-    from salt_megatron.data.tokenizer import load_tokenizer
+    from salt_megatron.data.tokenizer_types import tokenizer_from_flags
     from salt_megatron.teacher import check_teacher_checkpoint
 
     train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path, args.valid_data_path)
     for prefix in (train_prefix, valid_prefix, *args.extra_valid.values()):
         if prefix is not None:
             check_indexed_dataset(prefix)
-    tokenizer = load_tokenizer(args.tokenizer_model or _default_tokenizer(args, train_prefix))
+    tokenizer = tokenizer_from_flags(args, lambda: _default_tokenizer(args, train_prefix))
     arch = student_architecture(args, tokenizer.vocab_size)
     # nothing to resume (no --load directory yet, or an empty one) starts fresh, as Megatron-LM does; a directory
     # that holds something it cannot follow is refused (find_latest_checkpoint)
