@@ -34,8 +34,13 @@ def test_megatron_iteration_line_is_megatron_lms():
     assert m.group(8) == " kd loss: 2.000000E+00 | salt loss: 3.250000E+00 | kd weight: 0.500 |"
     m2 = MEGATRON_ITERATION.match(second)
     assert m2 and m2.group(8) == "" and m2.group(10) == "1" and m2.group(11) == "0", second
+    # a log interval of two steps: the mean step time and the skipped count over both, as Megatron-LM prints them
+    writer.train(12, 100, {**STEP, "step_time_s": 1.0, "skipped": True}, echo=False)
+    writer.train(13, 100, {**STEP, "step_time_s": 3.0})
+    m3 = MEGATRON_ITERATION.match(out.getvalue().splitlines()[2])
+    assert m3.group(4) == "2000.0" and m3.group(10) == "1", out.getvalue()
     writer.eval(11, {"val_loss": 4.0, "val_ppl": 54.598})
-    lines = out.getvalue().splitlines()[2:]
+    lines = out.getvalue().splitlines()[3:]
     assert lines[1] == " validation loss at iteration 11 | lm loss value: 4.000000E+00 | lm loss PPL: 5.459800E+01 | "
     assert set(lines[0]) == set(lines[2]) == {"-"}
 

@@ -87,6 +87,7 @@ def test_null_tokenizer_ids_as_text(tmp_path):
     (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "nope.json", "--merge-file", "nope.txt"],
      r"GPT2BPETokenizer needs --vocab-file .*nope.json not found"),
     (["--tokenizer-type", "NullTokenizer"], r"NullTokenizer needs --vocab-size N"),
+    (["--tokenizer-type", "HuggingFaceTokenizer", "--vocab-size", "50"], r"HuggingFaceTokenizer needs --tokenizer-model"),
     (["--vocab-file", "v.json", "--vocab-size", "50"], r"--vocab-file / --merge-file are for --tokenizer-type "
                                                        r"GPT2BPETokenizer"),
 ])

@@ -270,6 +270,8 @@ def main(argv=None) -> dict:
                          "--tokenizer-type GPT2BPETokenizer/NullTokenizer with its files or size")
     if spec is not None:
         args.vocab_size = None
+    elif args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model is None:
+        raise UsageError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR (with tokenizer.json)")
     elif args.tokenizer_type is not None and args.tokenizer_model is not None:
         check_type(load_tokenizer(args.tokenizer_model), args.tokenizer_type, args.tokenizer_model)
     result = prepare(

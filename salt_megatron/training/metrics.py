@@ -22,7 +22,9 @@ class MetricsWriter:
                  stream=None, log_format: str = "salt"):
         self.enabled = enabled
         self.log_format = log_format
-        self.skipped_iterations = self.nan_iterations = 0
+        # since the last printed line, as Megatron-LM counts them per log interval
+        self.skipped_iterations = self.nan_iterations = self.interval_steps = 0
+        self.interval_seconds = 0.0
         self.stream = stream or sys.stdout
         self.tb = None
         self.file = None
@@ -43,10 +45,14 @@ class MetricsWriter:
         self._record("train", step, m)
         self.skipped_iterations += bool(m.get("skipped"))
         self.nan_iterations += m.get("loss") is not None and m["loss"] != m["loss"]
+        self.interval_steps += 1
+        self.interval_seconds += m["step_time_s"]
         if not echo:
             return
         if self.log_format == "megatron":
             print(self._megatron_line(step, train_iters, m), file=self.stream, flush=True)
+            self.skipped_iterations = self.nan_iterations = self.interval_steps = 0
+            self.interval_seconds = 0.0
             return
         kd = f" kd {m['kd']:.4f}" if m.get("kd") is not None else ""
         print(
@@ -57,10 +63,11 @@ class MetricsWriter:
         )
 
     def _megatron_line(self, step: int, train_iters: int, m: dict) -> str:
-        """Megatron-LM's ``training_log`` line, field for field."""
+        """Megatron-LM's ``training_log`` line, field for field (time and counts over the steps since the last one)."""
+        per_step = self.interval_seconds / max(self.interval_steps, 1)
         line = (f" [{datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] iteration {step:8d}/{train_iters:8d} |"
                 f" consumed samples: {m['consumed_samples']:12d} |"
-                f" elapsed time per iteration (ms): {m['step_time_s'] * 1000.0:.1f} |"
+                f" elapsed time per iteration (ms): {per_step * 1000.0:.1f} |"
                 f" learning rate: {m['lr']:.6E} | global batch size: {m['global_batch_size']:5d} |"
                 f" lm loss: {m['ce']:.6E} |")
         if m.get("kd") is not None:
