@@ -229,3 +229,15 @@ def test_readme_path_hf_teacher_to_salt_student_and_out_again(imported, tmp_path
     ours = run_workers(_logits, 1, [str(tmp_path / "student")], tokens)[0][0]
     delta = (hf_logits(str(tmp_path / "student_hf"), tokens) - ours).abs().max().item()
     assert delta <= 1e-4, delta
+
+
+def test_a_sharded_checkpoint_imports_like_a_single_file(imported, tmp_path):
+    """save_pretrained's sharded layout (several model-0000k-of-0000n.safetensors and the index) reads the same."""
+    sharded = tmp_path / "sharded"
+    imported["models"]["llama"].save_pretrained(sharded, safe_serialization=True, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(imported["root"] / "llama" / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("model-*.safetensors"))) > 2
+    run_workers(_import_all, 1, [(str(sharded), str(tmp_path / "ckpt"))])
+    ours = run_workers(_logits, 1, [str(tmp_path / "ckpt")], TOKENS)[0][0]
+    assert (ours - hf_logits(imported["models"]["llama"], TOKENS)).abs().max().item() <= 1e-4
