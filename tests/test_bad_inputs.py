@@ -95,7 +95,7 @@ CASES = [
                                                         "--tokenizer-model", w["corpus"] + ".model"),
      r"not allowed with argument .*see salt-megatron prepare --help"),
     ("prepare: no tokenizer flag", lambda w: _prepare(w, "--input", _p(w, "good.jsonl")),
-     r"one of the arguments --vocab-size --tokenizer-model is required"),
+     r"give --vocab-size N \(train a SentencePiece tokenizer\), --tokenizer-model M, or --tokenizer-type "),
     ("prepare: missing tokenizer", lambda w: _prepare(w, "--input", _p(w, "good.jsonl"), "--tokenizer-model",
                                                      _p(w, "nope.model")), r"tokenizer model not found"),
     ("prepare: not a tokenizer", lambda w: _prepare(w, "--input", _p(w, "good.jsonl"), "--tokenizer-model",
