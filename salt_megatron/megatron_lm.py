@@ -75,8 +75,9 @@ def saved_args(path: str) -> dict:
                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}): describe the teacher "
                              "with --teacher-model-config YAML instead") from None
     args = common.get("args") if isinstance(common, dict) else None
-    if args is None:
-        raise TeacherRefused(f"{os.path.join(path, COMMON)} holds no 'args': describe the teacher with "
+    if args is None:  # (salt_megatron's own checkpoints keep their description in salt_meta.json instead)
+        raise TeacherRefused(f"no complete checkpoint in {path}: no salt_meta.json (salt_megatron's), and "
+                             f"{COMMON} holds no 'args' (Megatron-LM's): for a Megatron-LM teacher, describe it with "
                              "--teacher-model-config YAML")
     return dict(vars(args)) if not isinstance(args, dict) else dict(args)
 

@@ -80,7 +80,8 @@ def test_a_megatron_lm_checkpoint_teaches_like_the_same_weights_in_our_format(co
 def test_a_model_config_yaml_stands_in_for_args_it_cannot_read(corpus, teacher_dir, tmp_path, capfd):
     mlm = _megatron_lm_teacher(teacher_dir, tmp_path / "mlm", None)  # no args in the common state
     argv = ["pretrain", "--data-path", corpus, *KD, "--teacher-load", mlm]
-    refused_in_process(capfd, argv, r"common.pt holds no 'args': describe the teacher with --teacher-model-config")
+    refused_in_process(capfd, argv, r"common.pt holds no 'args' \(Megatron-LM's\): for a Megatron-LM teacher, "
+                                    r"describe it with --teacher-model-config YAML")
     config = tmp_path / "teacher.yaml"
     config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in vars(_megatron_lm_args(None)).items()
                                 if k != "tokenizer_model"))

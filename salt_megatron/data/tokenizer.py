@@ -226,8 +226,6 @@ def load_tokenizer(model_path: str):
     if os.path.isdir(model_path):
         return hf_tokenizer.HFGPTTokenizer(model_path)
     if hf_tokenizer.is_hf_tokenizer(model_path):  # a spec prepare wrote: HF, GPT2BPE or Null
-        from salt_megatron.data.tokenizer_types import tokenizer_from_spec
-
         return tokenizer_from_spec(hf_tokenizer.read_spec(model_path), os.path.abspath(model_path))
     if not os.path.isfile(model_path):
         raise MissingFile(f"tokenizer model not found: {model_path}")
@@ -236,3 +234,14 @@ def load_tokenizer(model_path: str):
     except (RuntimeError, OSError) as e:  # sentencepiece's "cannot parse", or an unreadable file
         raise DataError(f"{model_path} is not a SentencePiece model ({e}): pass the .model file that `prepare` "
                         "wrote") from None
+
+
+def tokenizer_from_spec(spec: dict, name: str):
+    """The tokenizer a spec describes (Hugging Face / GPT-2 BPE, or megatron-core's NullTokenizer)."""
+    if spec.get("type") == "NullTokenizer":
+        from salt_megatron.data.null_tokenizer import NullGPTTokenizer
+
+        return NullGPTTokenizer(spec, name)
+    from salt_megatron.hf.tokenizer import HFGPTTokenizer
+
+    return HFGPTTokenizer(name, spec)

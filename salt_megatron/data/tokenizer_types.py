@@ -18,50 +18,13 @@ between data, teacher, student and sidecars.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import os
 
-from salt_megatron.errors import DataError, UsageError
-from salt_megatron.hf.tokenizer import SPEC_MARKER, spec_from_gpt2_files, spec_hash
+from salt_megatron.data.null_tokenizer import null_spec
+from salt_megatron.errors import UsageError
+from salt_megatron.hf.tokenizer import spec_from_gpt2_files
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
-
-
-class NullGPTTokenizer:
-    """megatron-core's ``NullTokenizer`` (ids written as text) with the hash and identity the datasets use."""
-
-    def __init__(self, spec: dict, model_path: str = "NullTokenizer"):
-        from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
-
-        self.spec, self.model_path = spec, model_path
-        self._null = NullTokenizer(int(spec["vocab_size"]))
-        self.hash = spec_hash(spec)
-        self.eod = self._null.eod
-        self.vocab_size = self._null.vocab_size  # N ids and the EOD
-        self.bos = None
-
-    def tokenize(self, text: str) -> list[int]:
-        try:
-            ids = [int(x) for x in text.split()]  # what megatron-core's text_to_ids does, for any whitespace
-        except ValueError:
-            raise DataError(f"NullTokenizer: the text must be space-separated ids, got {text[:40]!r}") from None
-        bad = [i for i in ids if not 0 <= i < self.eod]
-        if bad:
-            raise DataError(f"NullTokenizer: id {bad[0]} is outside [0, {self.eod}) (--vocab-size {self.eod})")
-        return ids
-
-    def detokenize(self, ids) -> str:
-        return self._null.ids_to_text(list(ids))
-
-    @property
-    def unique_identifiers(self) -> OrderedDict:
-        return OrderedDict([("class", f"{type(self).__module__}.{type(self).__qualname__}"), ("sha256", self.hash)])
-
-    def __reduce__(self):
-        return (NullGPTTokenizer, (self.spec, self.model_path))
-
-
-def null_spec(vocab_size: int) -> dict:
-    return {SPEC_MARKER: 1, "type": "NullTokenizer", "vocab_size": int(vocab_size)}
 
 
 def spec_from_flags(tokenizer_type: str | None, *, vocab_file: str | None, merge_file: str | None,
@@ -80,14 +43,6 @@ def spec_from_flags(tokenizer_type: str | None, *, vocab_file: str | None, merge
     return None
 
 
-def tokenizer_from_spec(spec: dict, name: str):
-    if spec.get("type") == "NullTokenizer":
-        return NullGPTTokenizer(spec, name)
-    from salt_megatron.hf.tokenizer import HFGPTTokenizer
-
-    return HFGPTTokenizer(name, spec)
-
-
 def check_type(tokenizer, tokenizer_type: str | None, source: str) -> None:
     """Refuse a tokenizer whose kind is not the ``--tokenizer-type`` asked for."""
     if tokenizer_type is None:
@@ -102,7 +57,7 @@ def tokenizer_from_flags(args, default_path):
     """The tokenizer ``--tokenizer-type``/``--tokenizer-model``/``--vocab-file``/``--merge-file``/``--vocab-size``
     name, else the one at ``default_path()`` (what ``prepare`` kept, or what a checkpoint recorded: a path, or the
     spec of a tokenizer that has no file)."""
-    from salt_megatron.data.tokenizer import load_tokenizer
+    from salt_megatron.data.tokenizer import load_tokenizer, tokenizer_from_spec
 
     kind = getattr(args, "tokenizer_type", None)
     spec = spec_from_flags(kind, vocab_file=getattr(args, "vocab_file", None),
@@ -119,8 +74,6 @@ def tokenizer_from_flags(args, default_path):
 
 def checkpoint_record(tokenizer) -> str | dict:
     """What a checkpoint records to find its tokenizer again: its file, or its spec when it has none."""
-    import os
-
     if os.path.exists(tokenizer.model_path):
         return os.path.abspath(tokenizer.model_path)
     return tokenizer.spec

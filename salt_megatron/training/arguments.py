@@ -18,6 +18,7 @@ from salt_megatron.distributed import data_parallel_size
 from salt_megatron.kd.checks import check_kd_weight, check_temperature
 from salt_megatron.kd.select import IMPLS as KD_IMPLS
 from salt_megatron.schedule import TRANSITIONS
+from salt_megatron.training.guards import add_exit_args
 from salt_megatron.training.metrics import LOG_FORMATS
 from salt_megatron.errors import ArgumentParser, UsageError, one_line, require_modules
 
@@ -93,18 +94,6 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
-
-
-def add_exit_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("stopping early (SIGTERM/SIGUSR1 always: checkpoint at the next step, exit 0)")
-    g.add_argument("--exit-duration-in-mins", type=float, default=None,
-                   help="checkpoint and exit 0 once the run has taken this long (Megatron-LM's flag)")
-    g.add_argument("--exit-interval", type=int, default=None,
-                   help="checkpoint and exit 0 when the step is a multiple of this (Megatron-LM's flag)")
-    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
-                   action="store_false", help="do not stop on a NaN/Inf loss or gradient norm")
-    g.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad", action="store_true",
-                   default=True, help=argparse.SUPPRESS)
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:

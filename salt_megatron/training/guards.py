@@ -13,6 +13,7 @@ step makes them stop at the same step.
 
 from __future__ import annotations
 
+import argparse
 import math
 import signal
 import threading
@@ -24,6 +25,18 @@ from salt_megatron.errors import TrainingDiverged
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _SIGNAL, _DURATION, _INTERVAL = 3, 2, 1  # the MAX wins: a signal outranks the clock, the clock the interval
+
+
+def add_exit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("stopping early (SIGTERM/SIGUSR1 always: checkpoint at the next step, exit 0)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="checkpoint and exit 0 once the run has taken this long (Megatron-LM's flag)")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="checkpoint and exit 0 when the step is a multiple of this (Megatron-LM's flag)")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false", help="do not stop on a NaN/Inf loss or gradient norm")
+    g.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad", action="store_true",
+                   default=True, help=argparse.SUPPRESS)
 
 
 class StopRequests:
