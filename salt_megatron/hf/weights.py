@@ -104,14 +104,15 @@ def _layer_sources(i: int) -> dict[str, str]:
     }
 
 
-def megatron_tensor(name: str, hf: dict[str, torch.Tensor], arch: GPTArchitecture) -> torch.Tensor:
-    """The tensor megatron-core's parameter ``name`` takes, built from the HF tensors (KeyError if one is missing)."""
+def hf_sources(name: str, arch: GPTArchitecture):
+    """``(HF tensor names, combine)`` for megatron-core's parameter ``name``: ``combine(tensors)`` builds it from those
+    HF tensors, in that order.  KeyError for a name HF has no counterpart of."""
     if name == "embedding.word_embeddings.weight":
-        return _pad_rows(hf["model.embed_tokens.weight"], arch.padded_vocab_size)
+        return ["model.embed_tokens.weight"], lambda t: _pad_rows(t[0], arch.padded_vocab_size)
     if name == "output_layer.weight":
-        return _pad_rows(hf["lm_head.weight"], arch.padded_vocab_size)
+        return ["lm_head.weight"], lambda t: _pad_rows(t[0], arch.padded_vocab_size)
     if name == "decoder.final_layernorm.weight":
-        return hf["model.norm.weight"]
+        return ["model.norm.weight"], lambda t: t[0]
     match = _LAYER.match(name)
     if match is None:
         raise KeyError(name)
@@ -119,10 +120,10 @@ def megatron_tensor(name: str, hf: dict[str, torch.Tensor], arch: GPTArchitectur
     attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
-        return fuse_qkv(*(hf[f"{attn}{p}_proj.{kind}"] for p in "qkv"), arch)
+        return [f"{attn}{p}_proj.{kind}" for p in "qkv"], lambda t: fuse_qkv(*t, arch)
     if rest == "mlp.linear_fc1.weight":
-        return torch.cat([hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
-    return hf[_layer_sources(i)[rest]]
+        return [mlp + "gate_proj.weight", mlp + "up_proj.weight"], torch.cat
+    return [_layer_sources(i)[rest]], lambda t: t[0]
 
 
 def to_megatron(hf: dict[str, torch.Tensor], state: dict[str, torch.Tensor], arch: GPTArchitecture,
@@ -135,17 +136,17 @@ def to_megatron(hf: dict[str, torch.Tensor], state: dict[str, torch.Tensor], arc
             out[name] = current
             continue
         try:
-            tensor = megatron_tensor(name, hf, arch)
+            names, combine = hf_sources(name, arch)
+            tensor = combine([hf[n] for n in names])
         except KeyError as e:
             problems.append(f"missing {e.args[0]} (for {name})")
             continue
+        used.update(names)
         if tuple(tensor.shape) != tuple(current.shape):
             problems.append(f"{name}: shape {tuple(tensor.shape)} from the checkpoint, the config implies "
                             f"{tuple(current.shape)}")
             continue
         out[name] = tensor.to(current.dtype)
-    for name in out:  # which HF tensors went in (for the left-over check)
-        used.update(_hf_names(name, arch))
     ignorable = {"lm_head.weight"} if not arch.untie_embeddings_and_output_weights else set()
     left = sorted(n for n in hf if n not in used and n not in ignorable and "rotary_emb.inv_freq" not in n)
     if left:
@@ -155,23 +156,6 @@ def to_megatron(hf: dict[str, torch.Tensor], state: dict[str, torch.Tensor], arc
         raise DataError(f"{source}: the weights do not match config.json: {'; '.join(problems[:3])}"
                         f"{' …' if len(problems) > 3 else ''}")
     return out
-
-
-def _hf_names(name: str, arch: GPTArchitecture) -> list[str]:
-    fixed = {"embedding.word_embeddings.weight": ["model.embed_tokens.weight"], "output_layer.weight":
-             ["lm_head.weight"], "decoder.final_layernorm.weight": ["model.norm.weight"]}
-    if name in fixed:
-        return fixed[name]
-    match = _LAYER.match(name)
-    if match is None:
-        return []
-    i, rest = int(match.group(1)), match.group(2)
-    attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-    if rest.startswith("self_attention.linear_qkv.") and rest.rsplit(".", 1)[1] in ("weight", "bias"):
-        return [f"{attn}{p}_proj.{rest.rsplit('.', 1)[1]}" for p in "qkv"]
-    if rest == "mlp.linear_fc1.weight":
-        return [mlp + "gate_proj.weight", mlp + "up_proj.weight"]
-    return [_layer_sources(i)[rest]] if rest in _layer_sources(i) else []
 
 
 def from_megatron(state: dict[str, torch.Tensor], arch: GPTArchitecture) -> dict[str, torch.Tensor]:
