@@ -21,7 +21,7 @@ from salt_megatron import checkpointing
 from salt_megatron.errors import ArgumentParser, DataError, UsageError, require_modules
 from salt_megatron.files import atomic_directory
 from salt_megatron.hf.config import check_exportable, hf_config
-from salt_megatron.hf.weights import from_megatron
+from salt_megatron.hf.weights import from_megatron, single_process_model
 from salt_megatron.model import GPTArchitecture
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -80,21 +80,11 @@ def export_hf(args) -> str | None:
     if args.check_only:
         print(f"salt-megatron export-hf: the checks passed ({meta['path']} as {kind})")
         return None
-    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-        raise UsageError("export-hf runs as one process: run it without torchrun")
     from safetensors.torch import save_file
 
-    from salt_megatron.checkpointing import _unwrap
-    from salt_megatron.distributed import initialize_distributed
-    from salt_megatron.model import build_gpt_model
-
-    from megatron.core import tensor_parallel
-
-    initialize_distributed(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)  # megatron-core's init draws from its model-parallel RNG
-    model = build_gpt_model(arch, params_dtype=torch.float32)
+    model = single_process_model(arch, "export-hf")
     checkpointing.load_model_weights(meta["path"], model)
-    state = {k: v for k, v in _unwrap(model).state_dict().items() if not k.endswith("_extra_state")}
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     tensors = {name: t.to(getattr(torch, dtype)) for name, t in from_megatron(state, arch).items()}
 
     out = os.path.abspath(args.out.rstrip("/"))

@@ -18,12 +18,10 @@ import json
 import os
 import time
 
-import torch
-
 from salt_megatron import checkpointing
-from salt_megatron.errors import ArgumentParser, CheckpointError, DataError, MissingFile, UsageError
+from salt_megatron.errors import ArgumentParser, CheckpointError, DataError, MissingFile
 from salt_megatron.hf.config import architecture_from_hf
-from salt_megatron.hf.weights import read_safetensors, safetensors_files, to_megatron
+from salt_megatron.hf.weights import read_safetensors, safetensors_files, single_process_model, to_megatron
 
 STEP = 0  # an imported model has trained no step here; salt_meta.json's "imported_from" says where it came from
 
@@ -66,6 +64,7 @@ def build_parser() -> ArgumentParser:
 
 def import_hf(args) -> str | None:
     from salt_megatron.data.tokenizer import load_tokenizer
+    from salt_megatron.training.evaluate import model_fingerprint
 
     start = time.time()
     source = args.hf_model
@@ -82,27 +81,14 @@ def import_hf(args) -> str | None:
     if entries:
         raise CheckpointError(f"--save {args.save} already holds checkpoints ({', '.join(entries[:3])}); import into "
                               "a new directory")
-    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-        raise UsageError("import-hf runs as one process (the checkpoint loads at any TP/PP size): run it without "
-                         "torchrun")
+    model = single_process_model(arch, "import-hf")
     hf = read_safetensors(source)
-
-    from salt_megatron.checkpointing import _unwrap
-    from salt_megatron.distributed import initialize_distributed
-    from salt_megatron.model import build_gpt_model
-    from salt_megatron.training.evaluate import model_fingerprint
-
-    from megatron.core import tensor_parallel
-
-    initialize_distributed(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)  # megatron-core's init draws from its model-parallel RNG
-    model = build_gpt_model(arch, params_dtype=torch.float32)
-    state = to_megatron(hf, _unwrap(model).state_dict(), arch, source)  # refuses a mismatch before any write
+    state = to_megatron(hf, model.state_dict(), arch, source)  # refuses a mismatch before any write
     if args.check_only:
         print(f"salt-megatron import-hf: the checks passed ({source}: {config['architectures'][0]}, "
               f"{arch.num_layers} layers x {arch.hidden_size})")
         return None
-    _unwrap(model).load_state_dict(state)
+    model.load_state_dict(state)
     meta = {
         "arch": arch.to_dict(),
         "tokenizer_hash": tokenizer.hash,

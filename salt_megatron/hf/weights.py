@@ -18,11 +18,27 @@ import re
 
 import torch
 
-from salt_megatron.errors import DataError, MissingFile, require_modules
+from salt_megatron.errors import DataError, MissingFile, UsageError, require_modules
 from salt_megatron.model import GPTArchitecture
 
 INDEX = "model.safetensors.index.json"
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def single_process_model(arch: GPTArchitecture, command: str):
+    """The whole fp32 ``GPTModel`` in this one process: import-hf and export-hf need no more (the checkpoints they
+    write or read load at any TP/PP size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise UsageError(f"{command} runs as one process (the checkpoint loads at any TP/PP size): run it without "
+                         "torchrun")
+    from megatron.core import tensor_parallel
+
+    from salt_megatron.distributed import initialize_distributed
+    from salt_megatron.model import build_gpt_model
+
+    initialize_distributed(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)  # megatron-core's init draws from its model-parallel RNG
+    return build_gpt_model(arch, params_dtype=torch.float32)
 
 
 def safetensors_files(directory: str) -> list[str]:
