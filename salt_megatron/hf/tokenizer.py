@@ -1,4 +1,5 @@
-"""Hugging Face tokenizers (a directory with ``tokenizer.json``), for teachers imported with ``import-hf``.
+"""Hugging Face tokenizers (a directory with ``tokenizer.json``, e.g. a model ``import-hf`` read) and the tokenizer
+*spec* files ``prepare`` writes for them (and for GPT-2 BPE and NullTokenizer, see ``data/tokenizer_types.py``).
 
 A tokenizer is described by a *spec*: the ``tokenizer.json`` text (whose post-processor adds BOS where the model
 wants it, as ``transformers`` does), the BOS/EOS ids (as the model's ``config.json`` / ``tokenizer_config.json``
@@ -55,7 +56,10 @@ def spec_from_directory(directory: str) -> dict:
                           "(SentencePiece-only directories: pass the .model file)")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    parsed = _read_json(path)
+    try:  # parsed once here (Llama-3's is 9 MB), and kept whole as text in the spec
+        parsed = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
     model_vocab = (parsed.get("model") or {}).get("vocab") or {}
     if isinstance(model_vocab, list):  # unigram models: [[piece, score], ...] in id order
         model_vocab = {entry[0]: i for i, entry in enumerate(model_vocab)}
@@ -114,12 +118,13 @@ def read_spec(path: str) -> dict:
     return spec
 
 
-def spec_hash(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
 def spec_bytes(spec: dict) -> bytes:
+    """A spec as ``prepare`` writes it: sorted keys, so equal specs are equal bytes."""
     return json.dumps(spec, sort_keys=True).encode()
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(spec_bytes(spec)).hexdigest()
 
 
 class HFGPTTokenizer:
