@@ -100,3 +100,11 @@ def test_malformed_tokenizer_flags_are_one_line(tmp_path, capfd, argv, pattern):
 def test_a_tokenizer_of_another_type_is_refused(corpus, tmp_path, capfd):
     refused_in_process(capfd, ["pretrain", "--data-path", corpus, *TINY, "--tokenizer-type", "HuggingFaceTokenizer"],
                        r"--tokenizer-type HuggingFaceTokenizer, but .*sotu.model is a SentencePieceTokenizer")
+
+
+def test_prepare_refuses_a_tokenizer_of_another_type(corpus, tmp_path, capfd):
+    docs = _docs(tmp_path / "docs.jsonl", ["a b c"])
+    refused_in_process(capfd, ["prepare", "--input", docs, "--output-prefix", tmp_path / "x", "--tokenizer-type",
+                               "HuggingFaceTokenizer", "--tokenizer-model", corpus + ".model"],
+                       r"--tokenizer-type HuggingFaceTokenizer, but .*sotu.model is a SentencePieceTokenizer")
+    assert not list(tmp_path.glob("x*"))

@@ -32,7 +32,8 @@ from salt_megatron.errors import ArgumentParser, DataError, UsageError
 _CHUNK_DOCS = 32  # documents per pool task: big enough to amortise IPC, small enough for a smooth progress bar
 
 
-def _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, valid_fraction, tokenizer_spec):
+def _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, valid_fraction, tokenizer_spec,
+              tokenizer_type):
     if tokenizer_spec is not None:
         if vocab_size is not None or tokenizer_model is not None:
             raise DataError("a tokenizer given by --tokenizer-type takes no vocab_size/tokenizer_model besides")
@@ -43,7 +44,8 @@ def _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, 
     if tokenizer_model is not None:
         if not os.path.exists(tokenizer_model):
             raise DataError(f"tokenizer model not found: {tokenizer_model}")
-        load_tokenizer(tokenizer_model)  # refuses a file that is no tokenizer, by name
+        # refuses a file that is no tokenizer, or not of the --tokenizer-type asked for, by name
+        check_type(load_tokenizer(tokenizer_model), tokenizer_type, tokenizer_model)
     if not inputs:
         raise DataError("no input files given")
     if not 0.0 <= valid_fraction < 1.0:
@@ -131,6 +133,7 @@ def prepare(
     vocab_size=None,
     tokenizer_model=None,
     tokenizer_spec=None,
+    tokenizer_type=None,
     valid_inputs=None,
     valid_fraction=0.0,
     seed=1234,
@@ -149,7 +152,8 @@ def prepare(
     from tqdm import tqdm
 
     inputs, valid_inputs = list(inputs), list(valid_inputs or [])
-    _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, valid_fraction, tokenizer_spec)
+    _validate(inputs, output_prefix, vocab_size, tokenizer_model, valid_inputs, valid_fraction, tokenizer_spec,
+              tokenizer_type)
     skipped = collections.Counter()
     train_counts = _count_documents(inputs, json_key, split_lines, skipped)
     valid_counts = _count_documents(valid_inputs, json_key, split_lines, skipped)
@@ -272,11 +276,9 @@ def main(argv=None) -> dict:
         args.vocab_size = None
     elif args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model is None:
         raise UsageError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR (with tokenizer.json)")
-    elif args.tokenizer_type is not None and args.tokenizer_model is not None:
-        check_type(load_tokenizer(args.tokenizer_model), args.tokenizer_type, args.tokenizer_model)
     result = prepare(
         args.input, args.output_prefix, vocab_size=args.vocab_size, tokenizer_model=args.tokenizer_model,
-        tokenizer_spec=spec,
+        tokenizer_spec=spec, tokenizer_type=args.tokenizer_type,
         valid_inputs=args.valid_input, valid_fraction=args.valid_fraction, seed=args.seed,
         workers=args.workers, json_key=args.json_keys, append_eod=args.append_eod, split_lines=args.split_lines,
     )
