@@ -71,6 +71,18 @@ def _fsync_directory(path: str) -> None:
 
 
 @contextlib.contextmanager
+def _no_room_is_one_line(what: str, folder: str, outcome: str):
+    """A write that fails for lack of room (disk full, a file size limit, a read-only disk) becomes
+    :class:`WriteFailed`: one line naming ``what`` and the limit; any other error passes as it is."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _NO_ROOM:
+            raise
+        raise WriteFailed(f"could not write {what} ({e.strerror}{write_limits_hint(folder)}); {outcome}") from e
+
+
+@contextlib.contextmanager
 def atomic_files(*paths: str):
     """Write several files as one: yields their temporary paths (a list, in the order given).
 
@@ -84,14 +96,8 @@ def atomic_files(*paths: str):
     for p in paths:
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
     try:
-        try:
+        with _no_room_is_one_line(", ".join(paths), os.path.dirname(os.path.abspath(paths[0])), "nothing was replaced"):
             yield tmps
-        except OSError as e:
-            if e.errno not in _NO_ROOM:
-                raise
-            folder = os.path.dirname(os.path.abspath(paths[0]))
-            raise WriteFailed(f"could not write {', '.join(paths)} ({e.strerror}{write_limits_hint(folder)}); "
-                              "nothing was replaced") from e
         for tmp in tmps:
             if not os.path.isfile(tmp):
                 raise FileNotFoundError(f"{tmp} was not written (the block must write every file it was given)")
@@ -133,13 +139,8 @@ def atomic_directory(path: str):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        try:
+        with _no_room_is_one_line(path, os.path.dirname(path), "nothing was written"):
             yield tmp
-        except OSError as e:
-            if e.errno not in _NO_ROOM:
-                raise
-            raise WriteFailed(f"could not write {path} ({e.strerror}{write_limits_hint(os.path.dirname(path))}); "
-                              "nothing was written") from e
         for name in os.listdir(tmp):
             if os.path.isfile(os.path.join(tmp, name)):
                 _fsync_file(os.path.join(tmp, name))

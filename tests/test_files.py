@@ -78,3 +78,14 @@ def test_atomic_directory_is_whole_or_absent(tmp_path):
     with pytest.raises(FileExistsError):
         with atomic_directory(str(target)):
             pass
+
+
+def test_no_room_is_one_line_for_a_directory_too(tmp_path):
+    import errno
+
+    from salt_megatron.files import WriteFailed, atomic_directory
+
+    with pytest.raises(WriteFailed, match=r"could not write .*model \(No space left on device.*\); nothing was written"):
+        with atomic_directory(str(tmp_path / "model")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
