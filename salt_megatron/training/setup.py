@@ -207,6 +207,7 @@ def resume(run: Run, resume_meta: dict | None, overrides: list) -> None:
         changes = ", ".join(f"{k} {now!r} (checkpoint: {then!r})" for k, (then, now) in o["changes"].items())
         run.writer.message(f"resuming with another {o['group']} than the checkpoint's, as asked: {changes}")
     run.backend.load(resume_meta["path"])
+    run.resume_path = resume_meta["path"]
     if run.args.override_opt_param_scheduler:
         # megatron-core's param groups carry their own max/min LR, restored from the checkpoint with the optimizer:
         # the flags must win there too, or the scheduler keeps computing the checkpoint's LR
@@ -238,7 +239,7 @@ def setup(args) -> Run:
     teacher = build_teacher(args, salt, inputs, writer)
     run = Run(args=args, salt=salt, batch=BatchConfig.from_args(args), arch=inputs.arch, backend=backend,
               scheduler=scheduler, teacher=teacher, data=data, tokenizer=inputs.tokenizer, writer=writer,
-              record=inputs.record, resume_path=inputs.resume_meta and inputs.resume_meta["path"])
+              record=inputs.record)
     resume(run, inputs.resume_meta, inputs.overrides)
     arch = inputs.arch
     params = sum(p.numel() for p in backend.model.parameters())
