@@ -182,9 +182,9 @@ def _model_sharded_state_dict(model) -> dict:
     return _unwrap(model).sharded_state_dict()
 
 
-def _write_failures() -> tuple:
-    """What a failed save raises: any Exception, and torch.distributed.checkpoint's CheckpointException, which is a
-    BaseException (it wraps the failures of every rank)."""
+def _dist_checkpoint_failures() -> tuple:
+    """What a failed save or load raises: any Exception, and torch.distributed.checkpoint's CheckpointException, which
+    is a BaseException (it wraps the failures of every rank)."""
     try:
         from torch.distributed.checkpoint.api import CheckpointException
     except ImportError:
@@ -192,8 +192,7 @@ def _write_failures() -> tuple:
     return (Exception, CheckpointException)
 
 
-_WRITE_FAILURES = _write_failures()
-LOAD_FAILURES = _WRITE_FAILURES  # what a failed dist_checkpointing load raises: the same two
+DIST_CHECKPOINT_FAILURES = _dist_checkpoint_failures()
 
 
 def _root_cause(error: BaseException) -> str:
@@ -244,7 +243,7 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, meta: dict, writ
             write_text_atomically(os.path.join(tmp, META), json.dumps(meta, indent=1, sort_keys=True))
             os.replace(tmp, final)
             write_text_atomically(os.path.join(save_dir, TRACKER), str(step))
-    except _WRITE_FAILURES as e:  # whatever failed, the previous checkpoint must stay the latest
+    except DIST_CHECKPOINT_FAILURES as e:  # whatever failed, the previous checkpoint must stay the latest
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         try:

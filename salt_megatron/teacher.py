@@ -18,7 +18,7 @@ import torch
 
 from salt_megatron import fingerprint, megatron_lm
 from salt_megatron.model import GPTArchitecture, build_gpt_model, causal_attention_mask
-from salt_megatron.checkpointing import LOAD_FAILURES, _root_cause, load_model_weights, read_meta
+from salt_megatron.checkpointing import DIST_CHECKPOINT_FAILURES, _root_cause, load_model_weights, read_meta
 from salt_megatron.errors import CheckpointError, TeacherRefused
 
 
@@ -84,7 +84,7 @@ class Teacher:
         # collective: every rank loads, then the stages before the last drop it
         try:
             load_model_weights(meta["path"], model, replicated_on_every_stage=pg_collection is not None)
-        except LOAD_FAILURES as e:  # missing or mis-shaped tensors: refuse, never train against a half-loaded teacher
+        except DIST_CHECKPOINT_FAILURES as e:  # missing or mis-shaped tensors: never train against half a teacher
             raise TeacherRefused(f"the teacher's weights did not load from {meta['path']}: {_root_cause(e)}") from e
         for p in model.parameters():
             p.requires_grad_(False)
