@@ -76,28 +76,6 @@ def _cli(*args) -> subprocess.CompletedProcess:
     return proc
 
 
-def _imported_logits(rank, world, ckpt, tokens):
-    from megatron.core import tensor_parallel
-
-    from salt_megatron import checkpointing
-    from salt_megatron.distributed import initialize_distributed
-    from salt_megatron.model import GPTArchitecture, build_gpt_model, causal_attention_mask
-
-    initialize_distributed(world, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    meta = checkpointing.read_meta(ckpt)
-    arch = GPTArchitecture.from_dict(meta["arch"])
-    model = build_gpt_model(arch)
-    checkpointing.load_model_weights(meta["path"], model)
-    model.eval()
-    import torch
-
-    positions = torch.arange(tokens.shape[1])[None]
-    with torch.no_grad():
-        shard = model(tokens, positions, causal_attention_mask(tokens.shape[1]))
-    return tensor_parallel.gather_from_tensor_model_parallel_region(shard)[..., :arch.vocab_size]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None)
@@ -108,6 +86,7 @@ def main():
 
     from salt_megatron.data.corpora import export_sotu
     from tests.dist_utils import run_workers
+    from tests.hf_models import checkpoint_logits
 
     work = args.workdir or tempfile.mkdtemp(prefix="salt_smollm2_")
     hf_dir, ckpt = os.path.join(work, "smollm2_hf"), os.path.join(work, "smollm2_ckpt")
@@ -135,7 +114,7 @@ def main():
     tp_split = next(tp for tp in range(2, heads + 1) if heads % tp == 0 and kv_heads % tp == 0)  # 3 for SmolLM2
     parity = {}
     for tp in (1, tp_split):
-        ours = run_workers(_imported_logits, tp, ckpt, tokens)[0]
+        ours = run_workers(checkpoint_logits, tp, [ckpt], tokens)[0][0]
         parity[tp] = (ours - reference).abs().max().item()
     print(f"parity on {tokens.shape[1]} SOTU tokens x {reference.shape[-1]} vocab: max |logit Δ| "
           f"TP=1 {parity[1]:.2e}, TP={tp_split} {parity[tp_split]:.2e} "

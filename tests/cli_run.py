@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -45,3 +46,9 @@ def refused_in_process(capfd, argv, pattern: str) -> str:
     assert exit_.value.code == 2 and len(lines) == 1 and "Traceback" not in lines[0], lines
     assert lines[0].startswith(f"salt-megatron {argv[0]}: error: ") and re.search(pattern, lines[0]), lines[0]
     return lines[0]
+
+
+def train_losses(metrics_file) -> list[float]:
+    """The training losses a ``--metrics-file`` recorded, in the order they were written (a resumed run appends)."""
+    with open(metrics_file) as f:
+        return [row["loss"] for row in map(json.loads, f) if row["kind"] == "train"]

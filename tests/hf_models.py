@@ -71,3 +71,29 @@ def hf_logits(model_or_dir, tokens: torch.Tensor) -> torch.Tensor:
         model = transformers.AutoModelForCausalLM.from_pretrained(model_or_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(tokens).logits.float()
+
+
+def checkpoint_logits(rank, world, checkpoints, tokens):
+    """Each checkpoint's logits over the real vocabulary, built at TP = world (gathered from the vocab shards)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from salt_megatron import checkpointing
+    from salt_megatron.distributed import initialize_distributed
+    from salt_megatron.model import GPTArchitecture, build_gpt_model, causal_attention_mask
+
+    initialize_distributed(world, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    out = []
+    for ckpt in checkpoints:
+        meta = checkpointing.read_meta(ckpt)
+        arch = GPTArchitecture.from_dict(meta["arch"])
+        model = build_gpt_model(arch)
+        checkpointing.load_model_weights(meta["path"], model)
+        model.eval()
+        positions = torch.arange(tokens.shape[1])[None].expand(tokens.shape[0], -1)
+        with torch.no_grad():
+            shard = model(tokens, positions, causal_attention_mask(tokens.shape[1]))
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(shard)
+        assert parallel_state.get_tensor_model_parallel_world_size() == world
+        out.append(logits[..., :arch.vocab_size])
+    return out

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_run import train_losses
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 LIBRARY = EXAMPLES / "common.sh"  # sourced by the launchers, never run: not a launcher itself
@@ -260,10 +262,6 @@ def test_sbatch_passes_slurms_warning_on_and_requeues(tmp_path):
     assert "#SBATCH --signal=B:USR1@300" in (EXAMPLES / "pretrain_salt_slurm.sbatch").read_text()
 
 
-def _train_losses(metrics_file: Path) -> list[float]:
-    return [row["loss"] for row in map(json.loads, metrics_file.read_text().splitlines()) if row["kind"] == "train"]
-
-
 def test_two_nodes_with_tp_across_them_match_one_node(chain, tmp_path):
     """pretrain_salt_gpt.sh as two "nodes" on this machine (two launchers, NODE_RANK 0 and 1, one process each,
     rendezvous on 127.0.0.1), TP = 2 across them: the same losses as one node with two processes."""
@@ -283,6 +281,6 @@ def test_two_nodes_with_tp_across_them_match_one_node(chain, tmp_path):
         assert node.returncode == 0, out[-4000:]
     assert "--nnodes 2 --node-rank 1 --nproc-per-node 1" in outs[1]
     assert "TP=2 PP=1 DP=1" in outs[0] + outs[1]
-    losses_one, losses_two = _train_losses(one), _train_losses(two)
+    losses_one, losses_two = train_losses(one), train_losses(two)
     assert len(losses_one) == STUDENT_ITERS and losses_two == losses_one
     assert _checkpoint_step(tmp_path / "two") == STUDENT_ITERS

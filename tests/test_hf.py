@@ -16,7 +16,7 @@ pytest.importorskip("tokenizers")
 
 from tests.cli_run import assert_refused, refused_in_process, run_cli  # noqa: E402
 from tests.dist_utils import run_workers  # noqa: E402
-from tests.hf_models import hf_logits, make_model, text  # noqa: E402
+from tests.hf_models import checkpoint_logits, hf_logits, make_model, text  # noqa: E402
 
 MODELS = {  # name -> (kind, make_model options): GQA and MHA, tied and untied, q/k/v biases, llama3 RoPE scaling
     "llama": ("llama", {}),
@@ -37,32 +37,6 @@ def _import_all(rank, world, pairs):
                         "--tensor-model-parallel-size", "2"])
 
 
-def _logits(rank, world, checkpoints, tokens):
-    """Each checkpoint's logits over the real vocabulary, built at TP = world (gathered from the vocab shards)."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    from salt_megatron import checkpointing
-    from salt_megatron.distributed import initialize_distributed
-    from salt_megatron.model import GPTArchitecture, build_gpt_model, causal_attention_mask
-
-    initialize_distributed(world, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    out = []
-    for ckpt in checkpoints:
-        meta = checkpointing.read_meta(ckpt)
-        arch = GPTArchitecture.from_dict(meta["arch"])
-        model = build_gpt_model(arch)
-        checkpointing.load_model_weights(meta["path"], model)
-        model.eval()
-        positions = torch.arange(tokens.shape[1])[None].expand(tokens.shape[0], -1)
-        with torch.no_grad():
-            shard = model(tokens, positions, causal_attention_mask(tokens.shape[1]))
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(shard)
-        assert parallel_state.get_tensor_model_parallel_world_size() == world
-        out.append(logits[..., :arch.vocab_size])
-    return out
-
-
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
@@ -77,7 +51,7 @@ def imported(tmp_path_factory):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_imported_models_give_the_hf_logits(imported, tp):
     names = list(MODELS)
-    ours = run_workers(_logits, tp, [imported["ckpt"][n] for n in names], TOKENS)[0]
+    ours = run_workers(checkpoint_logits, tp, [imported["ckpt"][n] for n in names], TOKENS)[0]
     for name, logits in zip(names, ours):
         reference = hf_logits(imported["models"][name], TOKENS)
         assert reference.abs().max() > 1.0  # the test can see a wrong mapping
@@ -226,7 +200,7 @@ def test_readme_path_hf_teacher_to_salt_student_and_out_again(imported, tmp_path
     config = json.loads((tmp_path / "student_hf" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_key_value_heads"] == 2
     tokens = TOKENS[:, :32]
-    ours = run_workers(_logits, 1, [str(tmp_path / "student")], tokens)[0][0]
+    ours = run_workers(checkpoint_logits, 1, [str(tmp_path / "student")], tokens)[0][0]
     delta = (hf_logits(str(tmp_path / "student_hf"), tokens) - ours).abs().max().item()
     assert delta <= 1e-4, delta
 
@@ -239,5 +213,5 @@ def test_a_sharded_checkpoint_imports_like_a_single_file(imported, tmp_path):
         shutil.copy(imported["root"] / "llama" / name, sharded / name)
     assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("model-*.safetensors"))) > 2
     run_workers(_import_all, 1, [(str(sharded), str(tmp_path / "ckpt"))])
-    ours = run_workers(_logits, 1, [str(tmp_path / "ckpt")], TOKENS)[0][0]
+    ours = run_workers(checkpoint_logits, 1, [str(tmp_path / "ckpt")], TOKENS)[0][0]
     assert (ours - hf_logits(imported["models"]["llama"], TOKENS)).abs().max().item() <= 1e-4

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.cli_run import refused_in_process, run_cli
+from tests.cli_run import refused_in_process, run_cli, train_losses
 from tests.conftest import STUDENT
 from tests.dist_utils import run_workers
 
@@ -59,10 +59,6 @@ def _megatron_lm_teacher(teacher_dir, out_dir, args, drop_key=None):
     return out_dir
 
 
-def _train_losses(path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, open(path)) if r["kind"] == "train"]
-
-
 def test_a_megatron_lm_checkpoint_teaches_like_the_same_weights_in_our_format(corpus, teacher_dir, tmp_path):
     mlm = _megatron_lm_teacher(teacher_dir, tmp_path / "mlm", _megatron_lm_args(corpus + ".model"))
     files = set(os.listdir(mlm / f"iter_{STEP:07d}"))
@@ -73,7 +69,7 @@ def test_a_megatron_lm_checkpoint_teaches_like_the_same_weights_in_our_format(co
                        tmp_path / f"{name}.jsonl")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "teacher: 2 layers x 32" in proc.stdout
-        runs[name] = _train_losses(tmp_path / f"{name}.jsonl")
+        runs[name] = train_losses(tmp_path / f"{name}.jsonl")
     assert runs["megatron_lm"] == runs["ours"] and len(runs["ours"]) == 3
 
 
