@@ -57,6 +57,22 @@ def checkpoint_entries(directory: str) -> list[str]:
     return [n for n in (TRACKER, RELEASE) if os.path.exists(os.path.join(directory, n))] + names
 
 
+def tracked_checkpoint(load_dir: str) -> tuple[str, int | None] | None:
+    """What ``load_dir``'s tracker names: ``(iteration directory, step)``, or ``(load_dir/release, None)`` for
+    Megatron-LM's ``release`` word; None without a tracker.  :class:`CheckpointError` for a tracker that is neither."""
+    tracker = os.path.join(load_dir, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    with open(tracker, errors="replace") as f:
+        text = f.read().strip()
+    if text == RELEASE:
+        return os.path.join(load_dir, RELEASE), None
+    if not text.isdigit():
+        raise CheckpointError(f"no complete checkpoint in {load_dir}: {tracker} holds {text[:40]!r}, not a step "
+                              "number: the directory was written by another tool or damaged")
+    return iteration_dir(load_dir, int(text)), int(text)
+
+
 def find_latest_checkpoint(load_dir: str) -> str | None:
     """The newest complete checkpoint under ``load_dir`` (or ``load_dir`` itself if it is one).
 
@@ -70,30 +86,24 @@ def find_latest_checkpoint(load_dir: str) -> str | None:
     if _is_complete(load_dir):
         return load_dir
     complete = [s for s in _iteration_steps(load_dir) if _is_complete(iteration_dir(load_dir, s))]
-    tracker = os.path.join(load_dir, TRACKER)
-    if os.path.isfile(tracker):
-        with open(tracker, errors="replace") as f:
-            text = f.read().strip()
-        if text == RELEASE:
-            release = os.path.join(load_dir, RELEASE)
-            if _is_complete(release):
-                return release
+    tracked = tracked_checkpoint(load_dir)
+    if tracked is not None:
+        path, step = tracked
+        if step is None:  # Megatron-LM's release word
+            if _is_complete(path):
+                return path
             raise CheckpointError(
                 f"no complete checkpoint in {load_dir}: its tracker says 'release' (Megatron-LM's layout) and "
-                f"{release} holds no salt_megatron checkpoint ({META} + dist_checkpointing's metadata.json), so it "
+                f"{path} holds no salt_megatron checkpoint ({META} + dist_checkpointing's metadata.json), so it "
                 "cannot be resumed; pass another --load, or a --save directory of its own")
-        if not text.isdigit():
-            raise CheckpointError(f"no complete checkpoint in {load_dir}: {tracker} holds {text[:40]!r}, not a step "
-                                  "number: the directory was written by another tool or damaged")
-        path = iteration_dir(load_dir, int(text))
         if not _is_complete(path):
             why = "is missing" if not os.path.exists(path) else \
                 f"is not a complete salt_megatron checkpoint (no {META} or dist_checkpointing's metadata.json)"
             raise CheckpointError(
-                f"no complete checkpoint in {load_dir}: {TRACKER} says step {text} but {path} {why}; it was written "
+                f"no complete checkpoint in {load_dir}: {TRACKER} says step {step} but {path} {why}; it was written "
                 "by another tool or damaged: pass one complete iter_* directory as --load, or another --load")
         # a complete checkpoint newer than the tracker's was renamed into place just before a crash
-        return iteration_dir(load_dir, max(int(text), *complete))
+        return iteration_dir(load_dir, max(step, *complete))
     if complete:
         return iteration_dir(load_dir, complete[-1])
     entries = checkpoint_entries(load_dir)

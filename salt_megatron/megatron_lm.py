@@ -15,7 +15,7 @@ import os
 
 import yaml
 
-from salt_megatron.checkpointing import RELEASE, TRACKER, iteration_dir
+from salt_megatron.checkpointing import META, TRACKER, tracked_checkpoint
 from salt_megatron.errors import CheckpointError, TeacherRefused
 from salt_megatron.model import GPTArchitecture
 
@@ -36,13 +36,13 @@ def _is_torch_dist(path: str) -> bool:
 
 def is_megatron_lm_checkpoint(load_dir: str) -> bool:
     """A Megatron-LM run or iteration directory (torch_dist format, no salt_meta.json)."""
-    if not os.path.isdir(load_dir) or os.path.isfile(os.path.join(load_dir, "salt_meta.json")):
+    if not os.path.isdir(load_dir) or os.path.isfile(os.path.join(load_dir, META)):
         return False
     if _is_torch_dist(load_dir):
         return True
     tracker = os.path.join(load_dir, TRACKER)
     return os.path.isfile(tracker) and not any(
-        os.path.isfile(os.path.join(load_dir, name, "salt_meta.json")) for name in os.listdir(load_dir))
+        os.path.isfile(os.path.join(load_dir, name, META)) for name in os.listdir(load_dir))
 
 
 def iteration_path(load_dir: str) -> tuple[str, int]:
@@ -50,14 +50,8 @@ def iteration_path(load_dir: str) -> tuple[str, int]:
     if _is_torch_dist(load_dir):
         name = os.path.basename(os.path.normpath(load_dir))
         return load_dir, int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else 0
-    with open(os.path.join(load_dir, TRACKER), errors="replace") as f:
-        text = f.read().strip()
-    if text == RELEASE:
-        path, step = os.path.join(load_dir, RELEASE), 0
-    elif text.isdigit():
-        path, step = iteration_dir(load_dir, int(text)), int(text)
-    else:
-        raise CheckpointError(f"{os.path.join(load_dir, TRACKER)} holds {text[:20]!r}, not a step number")
+    path, step = tracked_checkpoint(load_dir)  # (a run directory: is_megatron_lm_checkpoint saw its tracker)
+    step = step or 0  # Megatron-LM's release checkpoint
     if not _is_torch_dist(path):
         raise CheckpointError(f"{load_dir}: the tracker names {path}, which is not a torch_dist checkpoint "
                               f"(metadata.json and {COMMON}); legacy mp_rank_* checkpoints are not read")
