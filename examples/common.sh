@@ -23,6 +23,7 @@
 #                             ends the launcher with the command's one-line error before any rank starts
 #   salt_torchrun SUB ARGS... `salt_megatron.cli SUB ARGS...` under torchrun, one torchrun per node; SIGTERM and
 #                             SIGUSR1 are passed to its workers (checkpoint at the next step, exit 0)
+#   salt_wait PID             wait for a background process through trapped signals; returns its exit status
 
 # PYTHON [python3], SMOKE (from SALT_SMOKE) [0] and WORKDIR (from SALT_WORKDIR) [$PWD/runs; smoke: $PWD/runs/smoke].
 salt_init() {
@@ -209,7 +210,9 @@ salt_torchrun() {
   SALT_CHILD=$!
   trap 'salt_forward_to_workers TERM' TERM
   trap 'salt_forward_to_workers USR1' USR1
-  salt_wait_child
+  local rc=0
+  salt_wait "$SALT_CHILD" || rc=$?
+  exit "$rc"
 }
 
 # salt_forward_to_workers SIG: send SIG to the processes torchrun ($SALT_CHILD) started.
@@ -218,12 +221,11 @@ salt_forward_to_workers() {
   pkill "-$1" -P "$SALT_CHILD" || true
 }
 
-# salt_wait_child: wait for $SALT_CHILD through any trapped signals, then exit with its status.
-salt_wait_child() {
+# salt_wait PID: wait for the background process PID through any trapped signals; returns its exit status.
+salt_wait() {
   local rc=0
   while true; do
-    wait "$SALT_CHILD" && rc=0 || rc=$?
-    kill -0 "$SALT_CHILD" 2>/dev/null || break  # `wait` also returns when a trapped signal arrives
+    wait "$1" && rc=0 || rc=$?
+    kill -0 "$1" 2>/dev/null || return "$rc"  # `wait` also returns when a trapped signal arrives
   done
-  exit "$rc"
 }
