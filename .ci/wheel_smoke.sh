@@ -19,9 +19,12 @@ say "isolated wheel build"
   || { tail -30 "$work/build.log"; exit 1; }
 wheel=$(ls "$work"/dist/salt_megatron-*.whl)
 say "built $(basename "$wheel")"
+# the listing is read whole first: `unzip -l | grep -q` under pipefail fails at random (grep quits at the first
+# match, unzip dies of SIGPIPE)
+listing="$(unzip -l "$wheel")"
 for part in salt_megatron/csrc/kl_div_cpu.cpp salt_megatron/csrc/kl_div_cuda.cu salt_megatron/csrc/salt_kl.h \
             salt_megatron/kd/kernel_flags.py; do
-  unzip -l "$wheel" | grep -q "$part" || { echo "the wheel lacks $part"; exit 1; }
+  grep -qF "$part" <<< "$listing" || { echo "the wheel lacks $part"; exit 1; }
 done
 
 say "fresh venv: the wheel and its declared dependencies only"

@@ -123,6 +123,15 @@ salt_flag() {
   fi
 }
 
+# args += --data-path DATA_PATH, split on whitespace as Megatron-LM's launchers pass it (a prefix, or a blend such as
+# "0.3 A 0.7 B"), and --split SPLIT when set.
+salt_data_args() {
+  local -a words
+  read -r -a words <<< "$DATA_PATH"
+  args+=(--data-path "${words[@]}")
+  salt_flag --split "${SPLIT:-}"
+}
+
 # args += EXTRA_ARGS, split on whitespace; called last, so that these flags win over everything before them.
 salt_extra_args() {
   local extra
@@ -147,7 +156,7 @@ salt_pretrain_args() {
   done
   salt_flag --config "$CONFIG"
   args+=(${model_args[@]+"${model_args[@]}"})
-  salt_flag --data-path "$DATA_PATH"
+  salt_data_args
   salt_flag --save "$SAVE"
   salt_flag --load "$SAVE"
   if [[ "$kd" == 1 ]]; then

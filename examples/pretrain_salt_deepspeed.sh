@@ -23,7 +23,9 @@
 #   GPUS_PER_NODE   processes per node                                                         [8; smoke: 2]
 #   MASTER_ADDR     rendezvous host                                   [first host of HOSTFILE, else 127.0.0.1]
 #   MASTER_PORT     rendezvous port                                               [29500; smoke: a free port]
-#   DATA_PATH       dataset prefix from prepare_data.sh                [required; smoke: $SALT_WORKDIR/data/sotu_smoke]
+#   DATA_PATH       dataset prefix from prepare_data.sh, or a blend "0.3 A 0.7 B"
+#                                                                       [required; smoke: $SALT_WORKDIR/data/sotu_smoke]
+#   SPLIT           Megatron-LM's --split (e.g. 969,30,1) of the DATA_PATH datasets as given    [prepare's files]
 #   TEACHER         the teacher's checkpoint directory                                    [$SALT_WORKDIR/teacher]
 #   SAVE            checkpoint directory (written, and resumed from)                    [$SALT_WORKDIR/student_ds]
 #   CONFIG          YAML of flag defaults         [examples/configs/paper_2p8b_student.yaml; smoke: none (tiny flags)]

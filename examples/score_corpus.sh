@@ -3,7 +3,8 @@
 # (`salt-megatron score`, under torchrun; data parallel over all processes, TP-aware, resumable).
 #
 # Writes the sidecar next to the dataset: DATA_PATH_train.salt_scores.json and .salt_scores.{samples,documents}.npy
-# (for SPLIT=valid: DATA_PATH_valid.salt_scores.*).  Then train the student with KD_DATA_SELECTION=top (or band):
+# (for SUBSET=valid: DATA_PATH_valid.salt_scores.*; for a blend, one sidecar beside each of its datasets).
+# Then train the student with KD_DATA_SELECTION=top (or band):
 # SEQ_LENGTH and SEED must be the student's, since the windows are the ones its GPTDataset builds.  A rerun after
 # a crash continues from the last complete chunk.
 #
@@ -17,9 +18,11 @@
 #   MASTER_ADDR     address of the node with rank 0                                                [127.0.0.1]
 #   MASTER_PORT     its rendezvous port                                           [29500; smoke: a free port]
 #   GPUS_PER_NODE   processes per node (one per GPU)                                           [8; smoke: 2]
-#   DATA_PATH       dataset prefix from prepare_data.sh                [required; smoke: $SALT_WORKDIR/data/sotu_smoke]
+#   DATA_PATH       dataset prefix from prepare_data.sh, or a blend "0.3 A 0.7 B"
+#                                                                       [required; smoke: $SALT_WORKDIR/data/sotu_smoke]
 #   TEACHER         the teacher's checkpoint directory                                    [$SALT_WORKDIR/teacher]
-#   SPLIT           train or valid                                                                       [train]
+#   SUBSET          train or valid                                                                       [train]
+#   SPLIT           Megatron-LM's --split (e.g. 969,30,1): score the train part of each dataset as given        []
 #   SEQ_LENGTH      window length: the student's --seq-length                       [the teacher's; smoke: 32]
 #   SEED            GPTDataset shuffle seed: the student's --seed                                          [1234]
 #   TP              tensor model-parallel size for the teacher                                               [1]
@@ -45,8 +48,9 @@ fi
 : "${DATA_PATH:?set DATA_PATH to the dataset prefix written by prepare_data.sh (or SALT_SMOKE=1)}"
 TEACHER="${TEACHER:-$WORKDIR/teacher}"
 
-args=(--load "$TEACHER" --data-path "$DATA_PATH" ${smoke_args[@]+"${smoke_args[@]}"})
-salt_flag --split "${SPLIT:-}"
+args=(--load "$TEACHER" ${smoke_args[@]+"${smoke_args[@]}"})
+salt_data_args
+salt_flag --subset "${SUBSET:-}"
 salt_flag --seq-length "${SEQ_LENGTH:-}"
 salt_flag --seed "${SEED:-}"
 salt_flag --tensor-model-parallel-size "${TP:-}"

@@ -16,7 +16,9 @@
 #   MASTER_ADDR     address of the node with rank 0                                                [127.0.0.1]
 #   MASTER_PORT     its rendezvous port                                           [29500; smoke: a free port]
 #   GPUS_PER_NODE   processes per node (one per GPU)                                           [8; smoke: 2]
-#   DATA_PATH       dataset prefix from prepare_data.sh                [required; smoke: $SALT_WORKDIR/data/sotu_smoke]
+#   DATA_PATH       dataset prefix from prepare_data.sh, or a blend "0.3 A 0.7 B"
+#                                                                       [required; smoke: $SALT_WORKDIR/data/sotu_smoke]
+#   SPLIT           Megatron-LM's --split (e.g. 969,30,1) of the DATA_PATH datasets as given    [prepare's files]
 #   SAVE            checkpoint directory (written, and resumed from)                         [$SALT_WORKDIR/teacher]
 #   CONFIG          YAML of flag defaults         [examples/configs/paper_1p5b_teacher.yaml; smoke: none (tiny flags)]
 #   TP, PP          tensor / pipeline model-parallel sizes (the student must use the same TP)

@@ -19,7 +19,7 @@ class KDDataSelection:
     fraction: float  # share of the scored windows kept
     skip_fraction: float  # band: share of the very top skipped first
     select_by: str  # the score column ranked by (salt_megatron.data.scores.SCORE_NAMES)
-    scored_data_path: str | None  # prefix of the scored dataset; None: the training dataset
+    scored_data_path: tuple | None  # the scored dataset or blend, as --data-path words; None: the training data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class SaltConfig:
         if args.kd_data_selection != "none":
             selection = KDDataSelection(mode=args.kd_data_selection, fraction=args.kd_select_fraction,
                                         skip_fraction=args.kd_select_skip_fraction, select_by=args.kd_select_by,
-                                        scored_data_path=args.kd_scored_data_path)
+                                        scored_data_path=args.kd_scored_data_path and tuple(args.kd_scored_data_path))
         return cls(schedule=schedule, teacher_load=args.teacher_load, temperature=args.kd_temperature,
                    scale_kd_by_temperature_squared=not args.kd_no_temperature_squared, kernel_impl=args.kd_impl,
                    data_selection=selection)

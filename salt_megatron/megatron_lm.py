@@ -114,23 +114,30 @@ def architecture(args: dict, *, vocab_size: int, source: str) -> GPTArchitecture
     )
 
 
+def model_args(load_dir: str, model_config: str | None = None, *,
+               flag: str = "--teacher-model-config") -> tuple[dict, str]:
+    """The Megatron-LM flags that describe the model (saved in the checkpoint, or ``model_config`` YAML) and where
+    they came from."""
+    if model_config is not None:
+        try:
+            with open(model_config) as f:
+                args = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError) as e:
+            raise TeacherRefused(f"{flag} {model_config}: {e}") from None
+        if not isinstance(args, dict):
+            raise TeacherRefused(f"{flag} {model_config}: expected a mapping of Megatron-LM flags")
+        return args, model_config
+    path, _ = iteration_path(load_dir)
+    return saved_args(path), os.path.join(path, COMMON)
+
+
 def teacher_meta(load_dir: str, *, vocab_size: int, model_config: str | None = None,
                  tokenizer_model: str | None = None) -> dict:
     """The teacher metadata salt_megatron's own checkpoints carry, made from a Megatron-LM checkpoint."""
     from salt_megatron.data.tokenizer import tokenizer_hash
 
     path, step = iteration_path(load_dir)
-    if model_config is not None:
-        try:
-            with open(model_config) as f:
-                args = yaml.safe_load(f)
-        except (OSError, yaml.YAMLError) as e:
-            raise TeacherRefused(f"--teacher-model-config {model_config}: {e}") from None
-        if not isinstance(args, dict):
-            raise TeacherRefused(f"--teacher-model-config {model_config}: expected a mapping of Megatron-LM flags")
-        source = model_config
-    else:
-        args, source = saved_args(path), os.path.join(path, COMMON)
+    args, source = model_args(load_dir, model_config)
     arch = architecture(args, vocab_size=vocab_size, source=source)
     tokenizer = tokenizer_model or args.get("tokenizer_model")
     if not tokenizer or not os.path.exists(tokenizer):

@@ -1,4 +1,5 @@
-"""``salt-megatron score``: the SLM scores every training window (and document) of an indexed dataset (SALT_DS).
+"""``salt-megatron score``: the SLM scores every training window (and document) of an indexed dataset (SALT_DS);
+of every dataset of a blend in turn, each with its own sidecar.
 
 Windows are exactly the samples megatron-core's GPTDataset builds for ``--seq-length`` and ``--seed`` over one
 epoch of the dataset; a window's score sits at its unshuffled sample index, so training can select windows by score
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from salt_megatron.data import scores as S
 from salt_megatron.data.windows import UnshuffledWindows
 from salt_megatron.files import atomic_files, write_json_atomically
-from salt_megatron.errors import ArgumentParser, DataError, UsageError
+from salt_megatron.errors import ArgumentParser, UsageError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-token numbers from vocab-parallel logits
@@ -81,14 +82,18 @@ def token_loss_and_topk(logits: torch.Tensor, labels: torch.Tensor, *, k: int, v
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from salt_megatron.data.blend import add_subset_arg
     from salt_megatron.training.arguments import add_data_args, add_parallel_args
 
     p = ArgumentParser(prog="salt-megatron score", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None)
-    p.add_argument("--load", required=True, help="the trained SLM's checkpoint directory")
+    p.add_argument("--load", required=True, help="the trained SLM's checkpoint directory (salt_megatron's or "
+                   "Megatron-LM's torch_dist)")
+    p.add_argument("--model-config", default=None, metavar="YAML",
+                   help="a Megatron-LM checkpoint without readable args: its Megatron-LM model flags")
     add_data_args(p)
     add_parallel_args(p)
-    p.add_argument("--split", choices=("train", "valid"), default="train", help="which split of --data-path")
+    add_subset_arg(p, "train")
     p.add_argument("--seq-length", type=int, default=None, help="window length (default: the SLM's)")
     p.add_argument("--seed", type=int, default=1234, help="GPTDataset's shuffle seed (use the training run's)")
     p.add_argument("--score-topk", type=int, default=10, help="k of the top-k filter (paper: 10)")
@@ -154,47 +159,57 @@ def _document_scores(chunks: list[dict], num_documents: int) -> np.ndarray:
     return out
 
 
-def score(args) -> dict | None:
-    """Score the dataset; returns the sidecar header on rank 0."""
+def score(args) -> list[dict] | None:
+    """Score every dataset of the blend (one sidecar beside each); returns their headers on rank 0."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from salt_megatron.data.gpt_data import build_gpt_datasets, check_indexed_dataset, resolve_data_prefixes
-    from salt_megatron.data.tokenizer_types import tokenizer_from_flags
+    from salt_megatron.data.blend import subset_blend
+    from salt_megatron.data.gpt_data import check_indexed_dataset
     from salt_megatron.distributed import initialize_distributed
-    from salt_megatron.model import GPTArchitecture, build_gpt_model
-    from salt_megatron import checkpointing
-    from salt_megatron.teacher import check_teacher_checkpoint
+    from salt_megatron.model import GPTArchitecture
+    from salt_megatron.teacher import Teacher, check_teacher_checkpoint, read_checkpoint
 
     if args.pipeline_model_parallel_size != 1:
         raise UsageError("the SLM is scored without pipeline parallelism (--pipeline-model-parallel-size 1); use TP "
                          "and data parallelism")
-    meta = checkpointing.read_meta(args.load)
+    sources, blend = subset_blend(args)
+    if sources.split is not None and args.subset != "train":
+        raise UsageError("with --split, score scores the train split of each dataset (its sidecar is for that split)")
+    meta, tokenizer = read_checkpoint(args)
     arch = GPTArchitecture.from_dict(meta["arch"])
-    seq_length = args.seq_length or arch.seq_length
-    train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path, args.valid_data_path)
-    prefix = valid_prefix if args.split == "valid" else train_prefix
-    if prefix is None:
-        raise DataError(f"{args.data_path} has no {args.split} split")
-    tokenizer = tokenizer_from_flags(args, lambda: meta["tokenizer_model"])
-    check_teacher_checkpoint(args.load, tokenizer_hash=tokenizer.hash, padded_vocab_size=arch.padded_vocab_size)
+    if not meta.get("megatron_lm"):  # trained at all, and with this tokenizer (a Megatron-LM one: by its logits)
+        check_teacher_checkpoint(args.load, tokenizer_hash=tokenizer.hash, padded_vocab_size=arch.padded_vocab_size)
     if args.score_topk < 1:
         raise UsageError("--score-topk must be >= 1")
-    check_indexed_dataset(prefix)
+    for prefix in blend.prefixes:
+        check_indexed_dataset(prefix)
     if args.check_only:
-        print(f"salt-megatron score: the checks passed ({prefix}, SLM {meta['path']})")
+        print(f"salt-megatron score: the checks passed ({blend}, SLM {meta['path']})")
         return None
 
     initialize_distributed(args.tensor_model_parallel_size, 1, backend=args.distributed_backend,
                            timeout_minutes=args.distributed_timeout_minutes)
-    rank = torch.distributed.get_rank()
     torch.manual_seed(args.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    # loaded as a teacher is: refused unless its logits show the weights loaded (fingerprint, or not the init's)
+    model = Teacher(meta, params_dtype=torch.float32, is_last_stage=True,
+                    tp_group=parallel_state.get_tensor_model_parallel_group()).model
+    return [_score_dataset(args, model, meta, arch, tokenizer, prefix, split=sources.split)
+            for prefix in blend.prefixes]
+
+
+def _score_dataset(args, model, meta: dict, arch, tokenizer, prefix: str, *, split: str | None) -> dict | None:
+    """Score one indexed dataset (its train split under ``split``) in resumable chunks; write its sidecar."""
+    from megatron.core import parallel_state
+
+    from salt_megatron.data.gpt_data import build_gpt_datasets
+
+    rank = torch.distributed.get_rank()
+    seq_length = args.seq_length or arch.seq_length
     dataset, _ = build_gpt_datasets(prefix, None, tokenizer, seq_length=seq_length, seed=args.seed,
-                                    train_samples=None, valid_samples=None, cache_dir=args.data_cache_path)
+                                    train_samples=None, valid_samples=None, cache_dir=args.data_cache_path,
+                                    split=split)
     windows = UnshuffledWindows(dataset)
-    model = build_gpt_model(arch, params_dtype=torch.float32, whole_model=True)
-    checkpointing.load_model_weights(meta["path"], model)
-    model.eval()
     tp_group = parallel_state.get_tensor_model_parallel_group()
 
     paths = S.sidecar_paths(prefix)
@@ -202,6 +217,8 @@ def score(args) -> dict | None:
               "topk": args.score_topk, "chunk_windows": args.score_chunk_windows,
               "micro_batch_size": args.micro_batch_size, "slm_checkpoint": meta["path"], "slm_step": meta["step"],
               "slm_fingerprint": meta["fingerprint"], "tokenizer_hash": tokenizer.hash, "dataset": prefix}
+    if split is not None:  # recorded only when set: the sidecars of whole datasets stay as they were
+        config["split"] = split
     config_file = os.path.join(paths["partial"], "config.json")
     if rank == 0:
         if os.path.isfile(config_file) and json.load(open(config_file)) != config:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import torch
 
@@ -66,6 +67,34 @@ def _check_against_student(meta: dict, tokenizer_hash: str, padded_vocab_size: i
             "--make-vocab-size-divisible-by (and a TP size it divides) for both"
         )
     return meta
+
+
+def read_checkpoint(args) -> tuple[dict, object]:
+    """score / evaluate: the metadata and tokenizer of the checkpoint ``--load``.  Ours describes itself; a
+    Megatron-LM ``torch_dist`` one is described by the args saved in it (or ``--model-config`` YAML), its tokenizer
+    by ``--tokenizer-model`` or the ``tokenizer_model`` those args name."""
+    from salt_megatron.data.tokenizer_types import tokenizer_from_flags
+
+    if not megatron_lm.is_megatron_lm_checkpoint(args.load):
+        if args.model_config is not None:
+            raise CheckpointError(f"--model-config is for Megatron-LM checkpoints; {args.load} describes itself")
+        meta = read_meta(args.load)
+        return meta, tokenizer_from_flags(args, lambda: meta["tokenizer_model"])
+
+    def named_tokenizer():
+        named = megatron_lm.model_args(args.load, args.model_config, flag="--model-config")[0].get("tokenizer_model")
+        if not named or not os.path.exists(named):
+            raise TeacherRefused(f"the tokenizer of {args.load} ({named or 'none named in its args'}) is not on this "
+                                 "machine: pass it with --tokenizer-model")
+        return named
+
+    tokenizer = tokenizer_from_flags(args, named_tokenizer)
+    try:
+        meta = megatron_lm.teacher_meta(args.load, vocab_size=tokenizer.vocab_size, model_config=args.model_config,
+                                        tokenizer_model=tokenizer.model_path)
+    except CheckpointError as e:
+        raise TeacherRefused(f"{args.load}: {e}") from None
+    return dict(meta, tokenizer_hash=tokenizer.hash), tokenizer
 
 
 class Teacher:

@@ -28,7 +28,7 @@ def test_salt_config_from_flags():
     assert salt.kd_weight(0) == pytest.approx(0.4) and salt.kd_weight(3) == 0.0 and not salt.teacher_needed(3)
     assert not salt.scale_kd_by_temperature_squared and salt.kernel_impl == "torch" and salt.fuse_ce_with_kd
     assert salt.data_selection == KDDataSelection(mode="band", fraction=0.3, skip_fraction=0.02,
-                                                  select_by="mean_loss", scored_data_path="other")
+                                                  select_by="mean_loss", scored_data_path=("other",))
     with pytest.raises(AttributeError):  # frozen
         salt.temperature = 1.0
 

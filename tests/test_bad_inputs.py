@@ -106,7 +106,8 @@ CASES = [
                                                "--tokens", "300"),
      r"unrecognized arguments: --tokens"),
     # pretrain
-    ("pretrain: no dataset", lambda w: _pretrain(w, data=_p(w, "nothere")), r"no indexed dataset at data path"),
+    ("pretrain: no dataset", lambda w: _pretrain(w, data=_p(w, "nothere")),
+     r"--data-path: no indexed dataset at .*nothere"),
     ("pretrain: corrupt .idx", lambda w: _pretrain(w, data=_p(w, "data/corrupt")),
      r"corrupt_train.idx is not a Megatron indexed-dataset index"),
     ("pretrain: truncated .bin", lambda w: _pretrain(w, data=_p(w, "data/truncated")),
@@ -162,12 +163,12 @@ CASES = [
     ("score: top-0", lambda w: ["score", "--load", w["teacher"], "--data-path", w["corpus"], "--score-topk", "0"],
      r"--score-topk must be >= 1"),
     ("score: no such split", lambda w: ["score", "--load", w["teacher"], "--data-path", w["corpus"] + "_train",
-                                       "--split", "valid"], r"has no valid split"),
+                                       "--subset", "valid"], r"has no valid split"),
     # evaluate
     ("evaluate: missing checkpoint", lambda w: ["evaluate", "--load", _p(w, "nope"), "--data-path", w["corpus"]],
      r"checkpoint directory .*nope does not exist"),
     ("evaluate: no dataset", lambda w: ["evaluate", "--load", str(w["student"]), "--data-path", _p(w, "nothere")],
-     r"no indexed dataset at data path"),
+     r"--data-path: no indexed dataset at .*nothere"),
     ("evaluate: a checkpoint that is not one", lambda w: ["evaluate", "--load", str(w["foreign"]), "--data-path",
                                                          w["corpus"]], r"no complete checkpoint in"),
 ]

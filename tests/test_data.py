@@ -18,7 +18,6 @@ from salt_megatron.data import (
     load_tokenizer,
     micro_batches,
     prepare,
-    resolve_data_prefixes,
     tokenizer_hash,
     train_sentencepiece,
 )
@@ -202,24 +201,6 @@ def test_cli(corpus, prepared, tmp_path, capsys):
 
 
 # --- GPT datasets and batches ----------------------------------------------------------------------------------
-
-def test_resolve_data_prefixes(prepared, tmp_path):
-    prefix, _ = prepared
-    assert resolve_data_prefixes(prefix) == (prefix + "_train", prefix + "_valid")
-    assert resolve_data_prefixes(prefix + "_train") == (prefix + "_train", None)
-    assert resolve_data_prefixes(prefix + "_train.bin") == (prefix + "_train", None)
-    assert resolve_data_prefixes(prefix, valid_data_path=prefix + "_train") == (prefix + "_train", prefix + "_train")
-    assert resolve_data_prefixes(train_data_path=prefix + "_valid") == (prefix + "_valid", None)
-    with pytest.raises(FileNotFoundError, match="nothere_train.bin"):
-        resolve_data_prefixes(str(tmp_path / "nothere"))
-    with pytest.raises(FileNotFoundError, match=r"missing .*x\.bin"):
-        resolve_data_prefixes(prefix, valid_data_path=str(tmp_path / "x"))
-    (tmp_path / "x.bin").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"missing .*x\.idx"):
-        resolve_data_prefixes(prefix, valid_data_path=str(tmp_path / "x"))
-    with pytest.raises(ValueError):
-        resolve_data_prefixes()
-
 
 @pytest.fixture(scope="module")
 def datasets(prepared, tmp_path_factory):

@@ -123,3 +123,34 @@ def test_megatron_lm_args_are_read_with_its_defaults():
     assert (arch.activation, arch.normalization, arch.num_query_groups, arch.norm_epsilon, arch.rotary_base,
             arch.rope_scaling_factor, arch.vocab_size, arch.padded_vocab_size) == (
         "swiglu", "RMSNorm", 1, 1e-6, 500000, 32.0, 500, 512)
+
+
+def test_a_megatron_lm_checkpoint_scores_and_evaluates_like_the_same_weights_in_our_format(corpus, teacher_dir,
+                                                                                          tmp_path):
+    """SALT_DS with a Megatron-LM SLM: `score` writes the same scores, `evaluate` the same loss, as for the same
+    weights in salt_megatron's format; without readable args, --model-config describes it."""
+    import shutil
+
+    import numpy as np
+
+    mlm = _megatron_lm_teacher(teacher_dir, tmp_path / "mlm", _megatron_lm_args(corpus + ".model"))
+    scores, losses = {}, {}
+    for name, ckpt in (("ours", teacher_dir), ("megatron_lm", mlm)):
+        data = tmp_path / name / "sotu"
+        data.parent.mkdir()
+        for suffix in ("_train.bin", "_train.idx", "_valid.bin", "_valid.idx", ".model"):
+            shutil.copy(corpus + suffix, str(data) + suffix)
+        proc = run_cli("score", "--load", ckpt, "--data-path", data, "--no-progress")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        scores[name] = np.load(str(data) + "_train.salt_scores.samples.npy")
+        proc = run_cli("evaluate", "--load", ckpt, "--data-path", data, "--json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses[name] = json.loads(proc.stdout.strip().splitlines()[-1])["val_loss"]
+    assert np.array_equal(scores["ours"], scores["megatron_lm"]) and losses["ours"] == losses["megatron_lm"]
+    bare = _megatron_lm_teacher(teacher_dir, tmp_path / "bare", None)  # no args saved
+    config = tmp_path / "model.yaml"
+    config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in vars(_megatron_lm_args(None)).items()))
+    proc = run_cli("evaluate", "--load", bare, "--data-path", corpus, "--model-config", config, "--tokenizer-model",
+                   corpus + ".model", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["val_loss"] == losses["ours"]

@@ -33,7 +33,8 @@ def _copy_dataset(corpus: str, dest) -> str:
 def _score_worker(rank, world_size, argv):
     from salt_megatron.scoring import build_parser, score
 
-    return score(build_parser().parse_args(argv))
+    headers = score(build_parser().parse_args(argv))
+    return headers and headers[0]
 
 
 def _score(world_size, corpus, teacher_dir, *extra):

@@ -6,7 +6,6 @@ from salt_megatron.data.gpt_data import (
     collate,
     global_batch_indices,
     micro_batches,
-    resolve_data_prefixes,
 )
 from salt_megatron.data.prepare import prepare
 from salt_megatron.data.tokenizer import load_tokenizer, tokenizer_hash, train_sentencepiece
@@ -16,7 +15,6 @@ __all__ = [
     "load_tokenizer",
     "tokenizer_hash",
     "prepare",
-    "resolve_data_prefixes",
     "build_gpt_datasets",
     "collate",
     "global_batch_indices",

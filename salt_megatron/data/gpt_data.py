@@ -66,68 +66,41 @@ def check_indexed_dataset(prefix: str) -> None:
                             f"document ends at byte {end}): the dataset is truncated; re-run prepare")
 
 
-def _strip_suffix(prefix):
-    """Accept ``P.bin`` / ``P.idx`` where a prefix ``P`` is meant."""
-    if prefix and prefix.endswith((".bin", ".idx")):
-        return prefix[:-4]
-    return prefix
-
-
-def resolve_data_prefixes(data_path=None, train_data_path=None, valid_data_path=None):
-    """Return ``(train_prefix, valid_prefix or None)``.
-
-    ``data_path=P`` means ``P_train`` / ``P_valid`` when those exist (``prepare``'s output), else ``P`` itself is
-    the one (training) dataset.  ``train_data_path`` / ``valid_data_path`` override either half.
-    """
-    data_path, train_data_path, valid_data_path = map(_strip_suffix, (data_path, train_data_path, valid_data_path))
-    if not (data_path or train_data_path):
-        raise DataError("no training data: give data_path or train_data_path")
-    train, valid = None, None
-    if data_path:
-        if _dataset_exists(data_path + "_train"):
-            train = data_path + "_train"
-            valid = data_path + "_valid" if _dataset_exists(data_path + "_valid") else None
-        elif _dataset_exists(data_path):
-            train = data_path
-        elif not train_data_path:
-            missing = [p for p in (data_path + "_train.bin", data_path + "_train.idx", data_path + ".bin",
-                                   data_path + ".idx") if not os.path.isfile(p)]
-            raise MissingFile(
-                f"no indexed dataset at data path {data_path!r}: looked for {data_path}_train.bin/.idx (prepare's "
-                f"output) and {data_path}.bin/.idx; missing {', '.join(missing)}"
-            )
-    if train_data_path:
-        train = _require_dataset(train_data_path, "training")
-    if valid_data_path:
-        valid = _require_dataset(valid_data_path, "validation")
-    return train, valid
-
-
-def build_gpt_datasets(train_prefix, valid_prefix, tokenizer, *, seq_length, seed, train_samples, valid_samples,
-                       cache_dir=None):
-    """GPTDatasets for the whole train file and the whole valid file (``valid_prefix`` None: no valid dataset).
+def build_gpt_datasets(train, valid, tokenizer, *, seq_length, seed, train_samples, valid_samples, cache_dir=None,
+                       split=None):
+    """The train and valid datasets (``valid`` None: none), each a prefix or a weighted
+    :class:`~salt_megatron.data.blend.Blend`: a GPTDataset for one prefix, megatron-core's ``BlendedDataset`` of
+    GPTDatasets for a blend.  ``split`` (Megatron's "969,30,1"): ``train`` is cut by document into the splits and
+    ``valid`` is ignored.
 
     Samples are ``seq_length`` tokens (plus one for the shifted labels), drawn across document boundaries and
-    shuffled with ``seed``; the train dataset has at least ``train_samples`` samples (epochs repeat as needed).
-    megatron-core always writes its shuffle/sample indices to disk (its own default is a directory named like the
-    prefix, ``{prefix}/cache/``).  They go to ``cache_dir`` (default: ``cache/`` beside the train files), in a
-    subfolder named by the ``.idx`` contents: megatron keys its cache on path, seed, length and tokenizer but not on
-    the data, so re-running ``prepare`` into the same prefix would otherwise reuse stale indices.  When
-    torch.distributed is initialised, every rank must call this (rank 0 builds, the others wait and load).
+    shuffled with ``seed``; the train dataset has at least ``train_samples`` samples (epochs repeat as needed;
+    None: one epoch).  megatron-core always writes its shuffle/sample/blend indices to disk.  They go to
+    ``cache_dir`` (default: ``cache/`` beside the first train dataset), in a subfolder named by the ``.idx``
+    contents: megatron keys its cache on path, seed, length and tokenizer but not on the data, so re-running
+    ``prepare`` into the same prefix would otherwise reuse stale indices.  When torch.distributed is initialised,
+    every rank must call this (rank 0 builds, the others wait and load).
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    for prefix in (train_prefix, valid_prefix):
-        if prefix is not None:
-            check_indexed_dataset(prefix)
+    from salt_megatron.data.blend import Blend
+
+    train, valid = (Blend((b,)) if isinstance(b, str) else b for b in (train, valid))
+    prefixes = [*train.prefixes, *(valid.prefixes if valid is not None and split is None else ())]
+    for prefix in prefixes:
+        check_indexed_dataset(prefix)
     if cache_dir is None:
-        cache_dir = os.path.join(os.path.dirname(os.path.abspath(train_prefix)), "cache")
+        cache_dir = os.path.join(os.path.dirname(os.path.abspath(train.prefixes[0])), "cache")
+    if split is not None:
+        blends = {"blend": train.megatron(), "split": split}
+    else:
+        blends = {"blend_per_split": [train.megatron(), valid.megatron() if valid is not None else None, None]}
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend_per_split=[([train_prefix], None), ([valid_prefix], None) if valid_prefix else None, None],
-        path_to_cache=os.path.join(cache_dir, _index_fingerprint(train_prefix, valid_prefix)),
+        **blends,
+        path_to_cache=os.path.join(cache_dir, _index_fingerprint(*prefixes)),
         mmap_bin_files=True,
         tokenizer=tokenizer,
         reset_position_ids=False,
@@ -135,7 +108,7 @@ def build_gpt_datasets(train_prefix, valid_prefix, tokenizer, *, seq_length, see
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    sizes = [train_samples, valid_samples if valid_prefix else None, None]
+    sizes = [train_samples, valid_samples if valid is not None else None, None]
     train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     return train_ds, valid_ds
 
@@ -144,9 +117,8 @@ def _index_fingerprint(*prefixes) -> str:
     """Short hash of the ``.idx`` files: the cached indices depend only on the document lengths stored there."""
     digest = hashlib.sha256()
     for prefix in prefixes:
-        if prefix is not None:
-            with open(prefix + ".idx", "rb") as f:
-                digest.update(f.read())
+        with open(prefix + ".idx", "rb") as f:
+            digest.update(f.read())
     return digest.hexdigest()[:16]
 
 

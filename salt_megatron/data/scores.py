@@ -99,6 +99,14 @@ def sidecar_hash(header: dict) -> str:
     return hashlib.sha256((header["samples_sha256"] + header["idx_sha256"]).encode()).hexdigest()[:16]
 
 
+def blend_sidecar_hash(headers: list, weights) -> str:
+    """Identity of the sidecars of a scored blend: one sidecar's own hash, else all of them with the weights."""
+    if len(headers) == 1:
+        return sidecar_hash(headers[0])
+    text = "|".join(f"{w!r}:{sidecar_hash(h)}" for w, h in zip(weights or [None] * len(headers), headers))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def load_sidecar(prefix: str, *, seq_length: int | None = None, check_dataset: bool = True):
     """Header and memory-mapped arrays; refuses a sidecar of another dataset or another sequence length."""
     paths = sidecar_paths(prefix)

@@ -81,3 +81,42 @@ class SelectedWindows:
 
     def __getitem__(self, i: int) -> dict:
         return self.windows.item(self.window_of(i))
+
+
+class BlendedSelection:
+    """SALT_DS over a blend: each prefix keeps its own best-scored windows (:class:`SelectedWindows`, ranked
+    within the prefix: scores of different sources are not on one scale), and KD-phase sample ``i`` comes from
+    the prefix megatron-core's blending rule picks for it (``helpers.build_blending_indices``, the greedy rule of
+    its ``BlendedDataset``), so the KD phase keeps the blend's weights.  A pure function of ``i``: resume is exact."""
+
+    def __init__(self, parts: list, weights):
+        weights = np.asarray(weights, dtype=np.float64)
+        if len(parts) != weights.size or weights.sum() <= 0:
+            raise ValueError("one positive weight per selected part")
+        self.parts, self.weights = parts, weights / weights.sum()
+        digest = hashlib.sha256("|".join(f"{w!r}:{p.sidecar_hash}" for w, p in zip(self.weights, parts)).encode())
+        self.sidecar_hash = digest.hexdigest()[:16]
+        self._dataset_index = self._sample_index = np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+    @property
+    def num_selected(self) -> int:
+        return sum(p.num_selected for p in self.parts)
+
+    def source_of(self, i: int) -> tuple[int, int]:
+        """(part, sample of that part) of KD-phase sample ``i``.  The blending rule is greedy, so the first n
+        entries do not depend on how many are built: the index grows by doubling as the phase goes on."""
+        if i >= self._dataset_index.size:
+            from megatron.core.datasets import helpers
+
+            size = max(1024, 2 * self._dataset_index.size, i + 1)
+            dataset_index, sample_index = np.zeros(size, dtype=np.int16), np.zeros(size, dtype=np.int64)
+            helpers.build_blending_indices(dataset_index, sample_index, self.weights, len(self.parts), size, False)
+            self._dataset_index, self._sample_index = dataset_index, sample_index
+        return int(self._dataset_index[i]), int(self._sample_index[i])
+
+    def __getitem__(self, i: int) -> dict:
+        part, j = self.source_of(i)
+        return self.parts[part][j]

@@ -11,6 +11,7 @@ import os
 
 import yaml
 
+from salt_megatron.data.blend import extra_valid_errors
 from salt_megatron.data.scores import SCORE_NAMES
 from salt_megatron.data.tokenizer_types import TOKENIZER_TYPES
 from salt_megatron.data.selection import MODES as SELECTION_MODES
@@ -57,10 +58,19 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
 
 def add_data_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", default=None,
-                   help="prefix of the indexed dataset: PREFIX_train/PREFIX_valid from `prepare`, or one .bin/.idx")
-    g.add_argument("--train-data-path", default=None)
-    g.add_argument("--valid-data-path", default=None)
+    g.add_argument("--data-path", nargs="+", default=None, metavar="[WEIGHT] PREFIX",
+                   help="an indexed dataset (PREFIX_train/PREFIX_valid from `prepare`, or one .bin/.idx), or a blend: "
+                        "P1 P2 ... (weighted by size) or W1 P1 W2 P2 ... (Megatron-LM's forms)")
+    g.add_argument("--split", default=None, metavar="969,30,1",
+                   help="cut each --data-path dataset by document into train,valid,test (Megatron-LM's --split); "
+                        "default: prepare's _train/_valid files")
+    g.add_argument("--train-data-path", nargs="+", default=None, metavar="[WEIGHT] PREFIX",
+                   help="the training blend, used as given")
+    g.add_argument("--valid-data-path", nargs="+", default=None, metavar="[WEIGHT] PREFIX",
+                   help="the validation blend, used as given")
+    g.add_argument("--data-args-path", default=None, metavar="FILE", help="a file holding the --data-path list")
+    g.add_argument("--per-split-data-args-path", default=None, metavar="JSON",
+                   help='{"train": [...], "valid": [...]}: the --train/--valid-data-path lists')
     g.add_argument("--extra-valid-data-path", nargs="+", default=[], metavar="NAME=PREFIX",
                    help="more held-out sets (indexed datasets, same tokenizer) evaluated at every evaluation; "
                         "logged as val_loss_NAME")
@@ -156,8 +166,9 @@ def add_salt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kd-select-skip-fraction", type=float, default=0.02, help="band: share of the top to skip")
     g.add_argument("--kd-select-by", choices=SCORE_NAMES, default="salt",
                    help="which score of the sidecar ranks the windows (salt: the paper's)")
-    g.add_argument("--kd-scored-data-path", default=None, metavar="PREFIX",
-                   help="prefix of the scored dataset (default: the training dataset); its sidecar is PREFIX.salt_scores.*")
+    g.add_argument("--kd-scored-data-path", nargs="+", default=None, metavar="[WEIGHT] PREFIX",
+                   help="the scored dataset or blend (default: the training data); each prefix's sidecar is "
+                        "PREFIX.salt_scores.*")
     for old, new in (("--kd-score", "--kd-select-by"), ("--kd-scores", "--kd-scored-data-path")):
         g.add_argument(old, action=_Renamed, new_name=new, help=argparse.SUPPRESS)
 
@@ -221,33 +232,6 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def parse_extra_valid(specs) -> dict[str, str]:
-    """``["NAME=PREFIX", ...]`` → ``{NAME: PREFIX}`` (ValueError on a malformed or repeated name)."""
-    out = {}
-    for spec in specs or []:
-        name, sep, prefix = spec.partition("=")
-        if not sep or not name or not prefix or not name.replace("_", "").isalnum():
-            raise ValueError(f"--extra-valid-data-path wants NAME=PREFIX with NAME letters/digits/_, got {spec!r}")
-        if name in out:
-            raise ValueError(f"--extra-valid-data-path names {name!r} twice")
-        out[name] = prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
-    return out
-
-
-def _check_extra_valid(args) -> list[str]:
-    if not getattr(args, "extra_valid_data_path", None):
-        args.extra_valid = {}
-        return []
-    try:
-        args.extra_valid = parse_extra_valid(args.extra_valid_data_path)
-    except ValueError as e:
-        args.extra_valid = {}
-        return [str(e)]
-    missing = [f"{name}: {prefix}.bin/.idx" for name, prefix in args.extra_valid.items()
-               if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"))]
-    return [f"--extra-valid-data-path: no indexed dataset for {', '.join(missing)}"] if missing else []
-
-
 def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Fill derived defaults and refuse contradictions with one clear message, before anything is built."""
     errors = []
@@ -276,7 +260,7 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
                       "on a CPU train in fp32")
     if args.train_iters < 1:
         errors.append("--train-iters must be >= 1")
-    errors += _check_extra_valid(args)
+    errors += extra_valid_errors(args)
     if args.num_layers % args.pipeline_model_parallel_size:
         errors.append(f"--num-layers ({args.num_layers}) must be divisible by --pipeline-model-parallel-size")
     if args.num_attention_heads % args.tensor_model_parallel_size:
@@ -287,7 +271,7 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
         args.lr_decay_iters = args.train_iters
     if args.min_lr > args.lr:
         errors.append(f"--min-lr ({args.min_lr}) is larger than --lr ({args.lr})")
-    if args.data_path is None and args.train_data_path is None:
+    if not (args.data_path or args.train_data_path or args.data_args_path or args.per_split_data_args_path):
         errors.append("give --data-path (or --train-data-path)")
     if args.teacher_load is not None:
         if args.kd_steps is None:

@@ -5,7 +5,7 @@ Groups, and what lets a resume change them:
 
 * architecture, tokenizer: nothing (the weights would not fit);
 * SALT schedule (teacher, ω, n_KD, transition, decay, τ, τ²): ``--override-salt-schedule``;
-* data (training/validation prefixes, seed, global batch size, KD-phase selection and its score sidecar):
+* data (training/validation blends and --split, seed, global batch size, KD-phase selection and its score sidecar):
   ``--override-data``;
 * LR schedule (lr, min lr, warmup, decay iterations and style, weight decay): ``--override-opt_param-scheduler``
   (the flags win) or ``--use-checkpoint-opt_param-scheduler`` (the checkpoint wins, as Megatron-LM).
@@ -15,8 +15,6 @@ An override is logged and stored in every later checkpoint (``overrides`` in ``s
 
 from __future__ import annotations
 
-import os
-
 from salt_megatron.errors import ResumeMismatch
 
 ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_query_groups",
@@ -25,7 +23,7 @@ ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_
 GROUPS = {  # group -> (the override flag's dest, the record's keys)
     "SALT schedule": ("override_salt_schedule", ("teacher_fingerprint", "kd_weight", "kd_steps", "kd_transition",
                                                  "kd_decay_steps", "kd_temperature", "kd_no_temperature_squared")),
-    "data": ("override_data", ("train_data", "valid_data", "seed", "global_batch_size", "kd_data_selection",
+    "data": ("override_data", ("train_data", "valid_data", "split", "seed", "global_batch_size", "kd_data_selection",
                                "kd_select_fraction", "kd_select_skip_fraction", "kd_select_by", "score_sidecar")),
     "LR schedule": ("override_opt_param_scheduler", ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters",
                                                      "lr_decay_style", "weight_decay")),
@@ -39,8 +37,8 @@ def _flag(key: str) -> str:
     return FLAG.get(key, "--" + key.replace("_", "-"))
 
 
-def run_record(args, *, arch, tokenizer_hash: str, train_prefix: str, valid_prefix: str | None,
-               teacher_fingerprint: list | None, sidecar_hash: str | None) -> dict:
+def run_record(args, *, arch, tokenizer_hash: str, sources, teacher_fingerprint: list | None,
+               sidecar_hash: str | None) -> dict:
     """What this run is, in the terms a resume is checked against (stored as ``run_record`` in each checkpoint)."""
     salt = {k: getattr(args, k) for k in GROUPS["SALT schedule"][1][1:]} if args.teacher_load else \
         {k: None for k in GROUPS["SALT schedule"][1][1:]}
@@ -49,7 +47,9 @@ def run_record(args, *, arch, tokenizer_hash: str, train_prefix: str, valid_pref
         "architecture": {k: getattr(arch, k) for k in ARCHITECTURE},
         "tokenizer_hash": tokenizer_hash,
         "teacher_fingerprint": teacher_fingerprint, **salt,
-        "train_data": os.path.abspath(train_prefix), "valid_data": valid_prefix and os.path.abspath(valid_prefix),
+        # one dataset: its absolute prefix (as before blends); a blend: [[weight, prefix], ...]
+        "train_data": sources.train.record(), "valid_data": sources.valid and sources.valid.record(),
+        "split": sources.split,
         "seed": args.seed, "global_batch_size": args.global_batch_size,
         "kd_data_selection": args.kd_data_selection,
         **{k: getattr(args, k) if selecting else None

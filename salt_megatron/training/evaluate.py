@@ -20,6 +20,7 @@ from salt_megatron.config import BatchConfig
 from salt_megatron.distributed import compute_device, data_parallel_size, to_device, world_size_from_launcher
 from salt_megatron.kd import salt_loss
 from salt_megatron.model import GPTArchitecture, causal_attention_mask
+from salt_megatron.data.blend import add_subset_arg
 from salt_megatron.training.arguments import add_data_args, add_parallel_args, parse_with_config
 from salt_megatron.errors import ArgumentParser, DataError
 
@@ -109,13 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="salt-megatron evaluate",
                                 description="Validation loss and perplexity of a checkpoint on an indexed dataset.")
     p.add_argument("--config", default=None)
-    p.add_argument("--load", required=True, help="checkpoint directory (run dir or one iter_* dir)")
+    p.add_argument("--load", required=True, help="checkpoint directory (run dir or one iter_* dir; salt_megatron's or "
+                   "Megatron-LM's torch_dist)")
+    p.add_argument("--model-config", default=None, metavar="YAML",
+                   help="a Megatron-LM checkpoint without readable args: its Megatron-LM model flags")
     add_data_args(p)
     add_parallel_args(p)
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--eval-iters", type=int, default=None, help="default: the whole split")
-    p.add_argument("--split", choices=("valid", "train"), default="valid")
+    add_subset_arg(p, "valid")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     return p
@@ -125,24 +129,22 @@ def evaluate_checkpoint(args) -> dict | None:
     from megatron.core import tensor_parallel
 
     from salt_megatron import checkpointing
-    from salt_megatron.data.gpt_data import build_gpt_datasets, resolve_data_prefixes
-    from salt_megatron.data.tokenizer_types import tokenizer_from_flags
+    from salt_megatron.data.blend import subset_blend
+    from salt_megatron.data.gpt_data import check_indexed_dataset
     from salt_megatron.distributed import initialize_distributed
     from salt_megatron.model import build_gpt_model
+    from salt_megatron.teacher import read_checkpoint
 
-    meta = checkpointing.read_meta(args.load)
+    sources, blend = subset_blend(args, fall_back_to_train=True)  # no valid split: the whole dataset
+    meta, tokenizer = read_checkpoint(args)
     arch = GPTArchitecture.from_dict(meta["arch"])
-    train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path, args.valid_data_path)
-    prefix = valid_prefix if args.split == "valid" and valid_prefix else train_prefix
-    tokenizer = tokenizer_from_flags(args, lambda: meta["tokenizer_model"])
     if tokenizer.hash != meta["tokenizer_hash"]:
         raise DataError(f"the tokenizer {tokenizer.model_path} differs from the one {meta['path']} was trained with "
                         f"({meta.get('tokenizer_model')}): pass that one with --tokenizer-model")
-    from salt_megatron.data.gpt_data import check_indexed_dataset
-
-    check_indexed_dataset(prefix)
+    for prefix in blend.prefixes:
+        check_indexed_dataset(prefix)
     if args.check_only:
-        print(f"salt-megatron evaluate: the checks passed ({meta['path']} on {prefix})")
+        print(f"salt-megatron evaluate: the checks passed ({meta['path']} on {blend})")
         return None
     dp = data_parallel_size(world_size_from_launcher(), args.tensor_model_parallel_size,
                             args.pipeline_model_parallel_size)
@@ -153,20 +155,39 @@ def evaluate_checkpoint(args) -> dict | None:
                            backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes)
     torch.manual_seed(args.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-    _, dataset = build_gpt_datasets(prefix, prefix, tokenizer, seq_length=arch.seq_length, seed=args.seed,
-                                    train_samples=1, valid_samples=None, cache_dir=args.data_cache_path)
+    dataset = _one_epoch(blend, sources.split, args.subset, tokenizer, arch.seq_length, args)
     eval_iters = args.eval_iters or max(len(dataset) // batch.global_batch_size, 1)
     model = build_gpt_model(arch, params_dtype=torch.float32)
     checkpointing.load_model_weights(meta["path"], model)
     result = evaluate(model, dataset, batch, eval_iters)
     if result is not None and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
-        result.update(checkpoint=meta["path"], step=meta["step"], data=prefix)
+        result.update(checkpoint=meta["path"], step=meta["step"], data=str(blend))
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"{meta['path']} (step {meta['step']}) on {prefix}: loss {result['val_loss']:.4f}, "
+            print(f"{meta['path']} (step {meta['step']}) on {blend}: loss {result['val_loss']:.4f}, "
                   f"perplexity {result['val_ppl']:.2f} over {result['val_tokens']} tokens")
     return result
+
+
+def _one_epoch(blend, split, subset, tokenizer, seq_length, args):
+    """One epoch of the evaluated data: a dataset (or its ``--split`` part) whole; a weighted blend, as many
+    samples as its datasets hold together, mixed by the weights (megatron-core needs a size for weights)."""
+    from salt_megatron.data.blend import Blend
+    from salt_megatron.data.gpt_data import build_gpt_datasets
+
+    part = 1 if split is not None and subset == "valid" else 0
+
+    def build(data, size):
+        return build_gpt_datasets(data, data if split else None, tokenizer, seq_length=seq_length, seed=args.seed,
+                                  train_samples=size, valid_samples=size, cache_dir=args.data_cache_path,
+                                  split=split)[part]
+
+    size = sum(len(build(Blend((p,)), None)) for p in blend.prefixes) if blend.weights is not None else None
+    dataset = build(blend, size)
+    if dataset is None:
+        raise DataError(f"--split {split} leaves no {subset} part of {blend}")
+    return dataset
 
 
 def main(argv=None) -> None:

@@ -134,7 +134,7 @@ def main_returning(argv=None) -> dict:
     validate_pretrain_args(args, world_size=world_size_from_launcher())
     if args.check_only:
         inputs = check_inputs(args, SaltConfig.from_args(args))
-        print(f"salt-megatron pretrain: the checks passed (data {inputs.train_prefix}, "
+        print(f"salt-megatron pretrain: the checks passed (data {inputs.sources.train}, "
               + (f"resuming {inputs.resume_meta['path']})" if inputs.resume_meta else "a fresh start)"))
         return {"train": [], "eval": []}
     return pretrain(args, start_time)

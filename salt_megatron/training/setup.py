@@ -32,13 +32,13 @@ from salt_megatron.training.state import Data, Run, TrainState
 class Inputs:
     """What the cheap checks found: the run's files, tokenizer, architecture and the checkpoints it reads."""
 
-    train_prefix: str
-    valid_prefix: str | None
+    sources: object  # salt_megatron.data.blend.DataSources: the training and validation blends
     tokenizer: object
     arch: GPTArchitecture
     resume_meta: dict | None  # the checkpoint to resume from
     teacher_meta: dict | None  # the teacher's checkpoint metadata (checked against the student)
-    sidecar: tuple | None  # SALT_DS: (header, window scores, document scores) of the score sidecar
+    sidecars: dict | None  # SALT_DS: {scored prefix: (header, window scores, document scores)}
+    scored_weights: tuple | None  # SALT_DS: the scored blend's weights (None: by size)
     record: dict  # what this run is, as a checkpoint records it (training.consistency.run_record)
     overrides: list  # changes against the resumed checkpoint that an override flag accepted
 
@@ -56,10 +56,10 @@ def _prepared_tokenizer_hash(prefix: str) -> str | None:
     return None
 
 
-def _default_tokenizer(args, train_prefix: str) -> str:
+def _default_tokenizer(train_prefix: str) -> str:
     from salt_megatron.hf.tokenizer import SPEC_SUFFIX
 
-    prefixes = [p for p in (args.data_path, train_prefix, train_prefix.rsplit("_train", 1)[0]) if p]
+    prefixes = [train_prefix, train_prefix.rsplit("_train", 1)[0]]
     candidates = [p + ext for p in prefixes for ext in (".model", SPEC_SUFFIX)]
     for c in candidates:
         if os.path.isfile(c):
@@ -82,15 +82,15 @@ def student_architecture(args, vocab_size: int) -> GPTArchitecture:
 
 def check_inputs(args, salt: SaltConfig) -> Inputs:
     """Data files, tokenizer, resume point, teacher metadata and score sidecar: cheap, nothing is built."""
-    from salt_megatron.data.gpt_data import check_indexed_dataset, resolve_data_prefixes
+    from salt_megatron.data.blend import data_sources
+    from salt_megatron.data.gpt_data import check_indexed_dataset
     from salt_megatron.data.tokenizer_types import tokenizer_from_flags
     from salt_megatron.teacher import check_teacher_checkpoint
 
-    train_prefix, valid_prefix = resolve_data_prefixes(args.data_path, args.train_data_path, args.valid_data_path)
-    for prefix in (train_prefix, valid_prefix, *args.extra_valid.values()):
-        if prefix is not None:
-            check_indexed_dataset(prefix)
-    tokenizer = tokenizer_from_flags(args, lambda: _default_tokenizer(args, train_prefix))
+    sources = data_sources(args)
+    for prefix in (*sources.prefixes, *args.extra_valid.values()):
+        check_indexed_dataset(prefix)
+    tokenizer = tokenizer_from_flags(args, lambda: _default_tokenizer(sources.train.prefixes[0]))
     arch = student_architecture(args, tokenizer.vocab_size)
     # nothing to resume (no --load directory yet, or an empty one) starts fresh, as Megatron-LM does; a directory
     # that holds something it cannot follow is refused (find_latest_checkpoint)
@@ -103,25 +103,48 @@ def check_inputs(args, salt: SaltConfig) -> Inputs:
                                                 vocab_size=tokenizer.vocab_size,
                                                 model_config=args.teacher_model_config,
                                                 tokenizer_model=args.teacher_tokenizer_model)
-    sidecar = None
+    sidecars, scored_weights = None, None
     if salt.data_selection is not None:
-        sidecar = scores.load_sidecar(salt.data_selection.scored_data_path or train_prefix, seq_length=args.seq_length)
-        if sidecar[0].get("tokenizer_hash") != tokenizer.hash:
-            raise DataError("the score sidecar was made with another tokenizer: rescore with this run's tokenizer")
+        sidecars, scored_weights = _score_sidecars(args, salt, sources, tokenizer.hash)
     for name, prefix in args.extra_valid.items():
         other = _prepared_tokenizer_hash(prefix)
         if other is not None and other != tokenizer.hash:
             raise DataError(f"extra validation set {name} ({prefix}) was tokenized with another tokenizer")
-    record = run_record(args, arch=arch, tokenizer_hash=tokenizer.hash, train_prefix=train_prefix,
-                        valid_prefix=valid_prefix, teacher_fingerprint=teacher_meta and teacher_meta["fingerprint"],
-                        sidecar_hash=sidecar and scores.sidecar_hash(sidecar[0]))
+    record = run_record(args, arch=arch, tokenizer_hash=tokenizer.hash, sources=sources,
+                        teacher_fingerprint=teacher_meta and teacher_meta["fingerprint"],
+                        sidecar_hash=sidecars and scores.blend_sidecar_hash(
+                            [h for h, _, _ in sidecars.values()], scored_weights))
     overrides = check_resume(resume_meta, record, args) if resume_meta else []
     if args.save:
         start = int(resume_meta["step"]) if resume_meta else 0
         checkpointing.check_save_directory(args.save, resuming_from=resume_meta and resume_meta["path"],
                                            steps=checkpointing.steps_to_save(start, args.train_iters,
                                                                              args.save_interval))
-    return Inputs(train_prefix, valid_prefix, tokenizer, arch, resume_meta, teacher_meta, sidecar, record, overrides)
+    return Inputs(sources, tokenizer, arch, resume_meta, teacher_meta, sidecars, scored_weights, record, overrides)
+
+
+def _score_sidecars(args, salt: SaltConfig, sources, tokenizer_hash: str):
+    """SALT_DS: the sidecar of every prefix of the scored blend (``--kd-scored-data-path``, default the training
+    blend), each checked against its dataset, the run's sequence length and tokenizer, and (for a dataset the run
+    cuts with ``--split``) the same split, so that no selected window lies in the validation documents."""
+    from salt_megatron.data.blend import parse_blend, require_blend
+
+    words = salt.data_selection.scored_data_path
+    blend = require_blend(parse_blend(words, "--kd-scored-data-path"), "--kd-scored-data-path") if words \
+        else sources.train
+    sidecars = {}
+    for prefix in blend.prefixes:
+        header, windows, documents = scores.load_sidecar(prefix, seq_length=args.seq_length)
+        if header.get("tokenizer_hash") != tokenizer_hash:
+            raise DataError(f"the score sidecar of {prefix} was made with another tokenizer: rescore it with this "
+                            "run's tokenizer")
+        if sources.split is not None and prefix in sources.train.prefixes and header.get("split") != sources.split:
+            raise scores.SidecarMismatch(
+                f"the score sidecar of {prefix} scored {'its ' + header['split'] if header.get('split') else 'all'} "
+                f"windows, this run cuts it with --split {sources.split}: rescore with `salt-megatron score --split "
+                f"{sources.split}`")
+        sidecars[prefix] = (header, windows, documents)
+    return sidecars, blend.weights
 
 
 def build_data(args, inputs: Inputs, salt: SaltConfig, writer: MetricsWriter) -> Data:
@@ -129,28 +152,37 @@ def build_data(args, inputs: Inputs, salt: SaltConfig, writer: MetricsWriter) ->
     Collective: every rank builds (rank 0 writes megatron-core's index cache, the others wait)."""
     from salt_megatron.data.gpt_data import build_gpt_datasets
 
-    def datasets(prefix, valid_prefix, seed, train_samples, valid_samples=None):
-        return build_gpt_datasets(prefix, valid_prefix, inputs.tokenizer, seq_length=args.seq_length, seed=seed,
+    def datasets(train, valid, seed, train_samples, valid_samples=None, split=None):
+        return build_gpt_datasets(train, valid, inputs.tokenizer, seq_length=args.seq_length, seed=seed,
                                   train_samples=train_samples, valid_samples=valid_samples,
-                                  cache_dir=args.data_cache_path)
+                                  cache_dir=args.data_cache_path, split=split)
 
     eval_samples = max(args.eval_iters, 1) * args.global_batch_size
-    train, valid = datasets(inputs.train_prefix, inputs.valid_prefix, args.seed,
-                            args.train_iters * args.global_batch_size, eval_samples)
+    sources = inputs.sources
+    train, valid = datasets(sources.train, sources.valid, args.seed, args.train_iters * args.global_batch_size,
+                            eval_samples, split=sources.split)
     extra_valid = {name: datasets(prefix, None, args.seed, eval_samples)[0] for name, prefix in args.extra_valid.items()}
     kd = None
-    if inputs.sidecar is not None:
-        from salt_megatron.data.selection import SelectedWindows
+    if inputs.sidecars is not None:
+        from salt_megatron.data.selection import BlendedSelection, SelectedWindows
         from salt_megatron.data.windows import UnshuffledWindows
 
-        selection = salt.data_selection
-        header, window_scores, _ = inputs.sidecar
-        scored, _ = datasets(selection.scored_data_path or inputs.train_prefix, None, header["seed"], None)
-        kd = SelectedWindows(UnshuffledWindows(scored), header, window_scores, score=selection.select_by,
-                             mode=selection.mode, fraction=selection.fraction,
-                             skip_fraction=selection.skip_fraction, seed=args.seed, cache_dir=args.data_cache_path)
-        writer.message(f"SALT_DS: KD phase draws from {kd.num_selected} of {window_scores.shape[0]} windows "
-                       f"({selection.mode}, score {selection.select_by}, sidecar {kd.sidecar_hash})")
+        selection, parts = salt.data_selection, []
+        for prefix, (header, window_scores, _) in inputs.sidecars.items():
+            # the windows that were scored: one epoch of the dataset (of its train split) with the sidecar's seed
+            scored, _ = datasets(prefix, None, header["seed"], None, split=header.get("split"))
+            parts.append(SelectedWindows(UnshuffledWindows(scored), header, window_scores, score=selection.select_by,
+                                         mode=selection.mode, fraction=selection.fraction,
+                                         skip_fraction=selection.skip_fraction, seed=args.seed,
+                                         cache_dir=args.data_cache_path))
+        # megatron-core's rule for a blend without weights: by size (here: scored windows)
+        weights = inputs.scored_weights or [h["num_windows"] for h, _, _ in inputs.sidecars.values()]
+        kd = parts[0] if len(parts) == 1 else BlendedSelection(parts, weights)
+        scored_windows = sum(h["num_windows"] for h, _, _ in inputs.sidecars.values())
+        writer.message(f"SALT_DS: KD phase draws from {kd.num_selected} of {scored_windows} windows "
+                       f"({selection.mode}, score {selection.select_by}, sidecar {kd.sidecar_hash}"
+                       + (f"; {len(parts)} prefixes, weights {', '.join(f'{w:.3g}' for w in kd.weights)})"
+                          if len(parts) > 1 else ")"))
     return Data(train=train, valid=valid, kd=kd, extra_valid=extra_valid)
 
 
