@@ -88,12 +88,12 @@ def read_checkpoint(args) -> tuple[dict, object]:
                                  "machine: pass it with --tokenizer-model")
         return named
 
-    tokenizer = tokenizer_from_flags(args, named_tokenizer)
     try:
+        tokenizer = tokenizer_from_flags(args, named_tokenizer)
         meta = megatron_lm.teacher_meta(args.load, vocab_size=tokenizer.vocab_size, model_config=args.model_config,
                                         tokenizer_model=tokenizer.model_path)
-    except CheckpointError as e:
-        raise TeacherRefused(f"{args.load}: {e}") from None
+    except CheckpointError as e:  # neither ours (no salt_meta.json) nor a readable Megatron-LM one
+        raise CheckpointError(f"no complete checkpoint in {args.load}: {e}") from None
     return dict(meta, tokenizer_hash=tokenizer.hash), tokenizer
 
 
