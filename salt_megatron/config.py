@@ -33,17 +33,24 @@ class SaltConfig:
     kernel_impl: str = "auto"  # salt_megatron.kd.IMPLS
     fuse_ce_with_kd: bool = True  # CE from the KD pass where it can be (salt_loss)
     data_selection: KDDataSelection | None = None
+    token_weighting: str = "none"  # salt_megatron.kd.token_weights.TOKEN_WEIGHTINGS: ω per token
+    token_topk: int = 10  # k of teacher_topk
 
     @property
     def uses_teacher(self) -> bool:
         return self.schedule is not None
 
-    def kd_weight(self, step: int) -> float:
-        """ω at ``step``; 0 for a baseline."""
-        return self.schedule.weight(step) if self.schedule is not None else 0.0
+    @property
+    def auto_switch(self) -> bool:
+        """KD ends when the student catches up with the teacher (``--kd-transition auto``)."""
+        return self.schedule is not None and self.schedule.transition == "auto"
 
-    def teacher_needed(self, step: int) -> bool:
-        return self.schedule is not None and self.schedule.teacher_needed(step)
+    def kd_weight(self, step: int, ended_at: int | None = None) -> float:
+        """ω at ``step`` (``ended_at``: where the auto switch ended KD); 0 for a baseline."""
+        return self.schedule.weight(step, ended_at) if self.schedule is not None else 0.0
+
+    def teacher_needed(self, step: int, ended_at: int | None = None) -> bool:
+        return self.schedule is not None and self.schedule.teacher_needed(step, ended_at)
 
     @classmethod
     def from_args(cls, args) -> "SaltConfig":
@@ -51,7 +58,8 @@ class SaltConfig:
         schedule = None
         if args.teacher_load:
             schedule = SaltSchedule(kd_weight=args.kd_weight, kd_steps=args.kd_steps, transition=args.kd_transition,
-                                    decay_steps=args.kd_decay_steps)
+                                    decay_steps=args.kd_decay_steps, auto_window=args.kd_auto_window,
+                                    auto_margin=args.kd_auto_margin)
         selection = None
         if args.kd_data_selection != "none":
             selection = KDDataSelection(mode=args.kd_data_selection, fraction=args.kd_select_fraction,
@@ -59,7 +67,7 @@ class SaltConfig:
                                         scored_data_path=args.kd_scored_data_path and tuple(args.kd_scored_data_path))
         return cls(schedule=schedule, teacher_load=args.teacher_load, temperature=args.kd_temperature,
                    scale_kd_by_temperature_squared=not args.kd_no_temperature_squared, kernel_impl=args.kd_impl,
-                   data_selection=selection)
+                   data_selection=selection, token_weighting=args.kd_token_weighting, token_topk=args.kd_token_topk)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,13 +78,28 @@ def test_mean_curves_of_paired_differences():
     assert sd == pytest.approx([0.0, 0.0, 0.0], abs=1e-12)
 
 
-def test_verdict_needs_two_standard_errors_or_twice_the_seed_spread():
-    assert analysis.verdict_word([-0.05, -0.06, -0.04], baseline_spread=0.1) == "better"
-    assert analysis.verdict_word([0.05, 0.06, 0.04], baseline_spread=0.1) == "worse"
-    assert analysis.verdict_word([-0.05, 0.04, -0.02], baseline_spread=0.01) == "no clear difference"
-    assert analysis.verdict_word([-0.05], baseline_spread=0.03) == "no clear difference"
-    assert analysis.verdict_word([-0.07], baseline_spread=0.03) == "better"
-    assert analysis.verdict_word([], baseline_spread=0.03) == "no paired baseline"
+@pytest.mark.parametrize("diffs", [[-0.05, -0.06, -0.04], [0.05, 0.061, 0.04, 0.2], [-0.05, 0.04, -0.02],
+                                   [-0.031, -0.012, 0.004, -0.02, -0.025, -0.018], [0.3, -0.2]])
+def test_paired_statistics_match_scipy(diffs):
+    stats = pytest.importorskip("scipy.stats")
+    from salt_megatron.experiment.stats import paired_test
+
+    got = paired_test(diffs)
+    want = stats.ttest_1samp(diffs, 0.0)
+    assert got.df == len(diffs) - 1 and got.t == pytest.approx(want.statistic, rel=1e-9)
+    assert got.p == pytest.approx(want.pvalue, rel=1e-7)
+    ci = want.confidence_interval(0.95)
+    assert got.ci == pytest.approx((ci.low, ci.high), rel=1e-7)
+    negatives, positives = sum(x < 0 for x in diffs), sum(x > 0 for x in diffs)
+    assert got.sign_p == pytest.approx(stats.binomtest(negatives, negatives + positives, 0.5).pvalue, rel=1e-12)
+    assert got.verdict == ("no significant difference" if want.pvalue >= 0.05 else
+                           "better" if got.mean < 0 else "worse")
+
+
+def test_one_seed_gets_no_verdict():
+    from salt_megatron.experiment.stats import paired_test
+
+    assert paired_test([-0.3]).verdict == "single seed: no verdict" and paired_test([]) is None
     assert math.isnan(analysis.mean_std([1.0])[1])
 
 

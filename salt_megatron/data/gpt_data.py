@@ -67,11 +67,11 @@ def check_indexed_dataset(prefix: str) -> None:
 
 
 def build_gpt_datasets(train, valid, tokenizer, *, seq_length, seed, train_samples, valid_samples, cache_dir=None,
-                       split=None):
+                       split=None, valid_seed=None):
     """The train and valid datasets (``valid`` None: none), each a prefix or a weighted
     :class:`~salt_megatron.data.blend.Blend`: a GPTDataset for one prefix, megatron-core's ``BlendedDataset`` of
     GPTDatasets for a blend.  ``split`` (Megatron's "969,30,1"): ``train`` is cut by document into the splits and
-    ``valid`` is ignored.
+    ``valid`` is ignored.  ``valid_seed`` (default ``seed``) shuffles the valid dataset's windows.
 
     Samples are ``seq_length`` tokens (plus one for the shifted labels), drawn across document boundaries and
     shuffled with ``seed``; the train dataset has at least ``train_samples`` samples (epochs repeat as needed;
@@ -92,24 +92,29 @@ def build_gpt_datasets(train, valid, tokenizer, *, seq_length, seed, train_sampl
         check_indexed_dataset(prefix)
     if cache_dir is None:
         cache_dir = os.path.join(os.path.dirname(os.path.abspath(train.prefixes[0])), "cache")
-    if split is not None:
-        blends = {"blend": train.megatron(), "split": split}
-    else:
-        blends = {"blend_per_split": [train.megatron(), valid.megatron() if valid is not None else None, None]}
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        **blends,
-        path_to_cache=os.path.join(cache_dir, _index_fingerprint(*prefixes)),
-        mmap_bin_files=True,
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
-    sizes = [train_samples, valid_samples if valid is not None else None, None]
-    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    path_to_cache = os.path.join(cache_dir, _index_fingerprint(*prefixes))
+
+    def build(random_seed, with_train, with_valid, sizes):
+        if split is not None:
+            blends = {"blend": train.megatron(), "split": split}
+        else:
+            blends = {"blend_per_split": [train.megatron() if with_train else None,
+                                          valid.megatron() if with_valid else None, None]}
+        config = GPTDatasetConfig(
+            random_seed=random_seed, sequence_length=seq_length, **blends, path_to_cache=path_to_cache,
+            mmap_bin_files=True, tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
+            eod_mask_loss=False, create_attention_mask=False,
+        )
+        if split is not None and train.weights is not None:
+            sizes[2] = sizes[1]  # megatron-core wants a size for every split of a weighted blend (test: unused)
+        return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+    valid_n = valid_samples if valid is not None else None
+    if valid is None or valid_seed is None or valid_seed == seed:
+        train_ds, valid_ds, _ = build(seed, True, valid is not None, [train_samples, valid_n, None])
+    else:  # the training windows shuffled by seed, the validation windows by valid_seed
+        train_ds = build(seed, True, split is not None, [train_samples, valid_n if split else None, None])[0]
+        valid_ds = build(valid_seed, split is not None, True, [valid_n if split else None, valid_n, None])[1]
     return train_ds, valid_ds
 
 
@@ -119,6 +124,15 @@ def _index_fingerprint(*prefixes) -> str:
     for prefix in prefixes:
         with open(prefix + ".idx", "rb") as f:
             digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def windows_hash(dataset, num_samples: int) -> str:
+    """Short hash of the token ids of a dataset's first ``num_samples`` samples: which windows an evaluation read
+    (runs whose hashes agree were evaluated on the same text)."""
+    digest = hashlib.sha256()
+    for i in range(min(num_samples, len(dataset))):
+        digest.update(np.asarray(dataset[i]["tokens"], dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]
 
 

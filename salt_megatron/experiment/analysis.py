@@ -144,19 +144,27 @@ def mean_curves(results: list[dict], variant: str, key: str, minus_baseline: boo
     return steps, m.mean(0), (m.std(0, ddof=1) if len(seeds) > 1 else np.zeros_like(steps)), len(seeds)
 
 
-def verdict_word(diffs: list[float], baseline_spread: float) -> str:
-    """'better' / 'worse' / 'no clear difference' from paired differences (negative = lower loss than baseline).
+def evaluation_windows(results: list[dict]) -> dict:
+    """{"val_windows": hash, ...}: the evaluation windows every run read, per held-out set (empty for runs from
+    before the hashes were recorded).  Raises SaltError when runs read different windows: their losses would not
+    be comparable."""
+    from salt_megatron.errors import SaltError
 
-    With two or more seeds: the mean must be more than two standard errors from zero.  With one seed: the
-    difference must exceed twice the baseline's seed-to-seed standard deviation (a rough bar: one run can't do more).
-    """
-    d = [x for x in diffs if x is not None]
-    if not d:
-        return "no paired baseline"
-    mean, sd = mean_std(d)
-    bar = 2 * sd / math.sqrt(len(d)) if len(d) > 1 else (2 * baseline_spread if math.isfinite(baseline_spread) else 0)
-    if mean < -bar:
-        return "better"
-    if mean > bar:
-        return "worse"
-    return "no clear difference"
+    seen: dict[str, dict[str, list[str]]] = {}
+    for r in results:
+        for row in r["eval"]:
+            for k, v in row.items():
+                if k.startswith("val_windows"):
+                    seen.setdefault(k, {}).setdefault(v, [])
+                    name = f"{r.get('variant', 'teacher')}-seed{r.get('seed', '?')}"
+                    if name not in seen[k][v]:
+                        seen[k][v].append(name)
+    for k, by_hash in seen.items():
+        if len(by_hash) > 1:
+            raise SaltError(f"the runs were evaluated on different windows ({k}: "
+                            + "; ".join(f"{h}: {', '.join(names[:3])}" for h, names in by_hash.items())
+                            + "): rerun them with one --eval-seed and --eval-iters")
+    unrecorded = [r for r in results if not any(k.startswith("val_windows") for row in r["eval"] for k in row)]
+    if seen and unrecorded:
+        raise SaltError(f"{len(unrecorded)} run(s) recorded no evaluation windows (older runs): rerun them")
+    return {k: next(iter(by_hash)) for k, by_hash in seen.items()}

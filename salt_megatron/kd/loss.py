@@ -67,6 +67,7 @@ def salt_loss(
     scale_kd_by_temperature_squared: bool = True,
     impl: str = "auto",
     fuse_ce_with_kd: bool = True,
+    kd_token_weights: torch.Tensor | None = None,
 ) -> SaltLoss:
     """``(1-ω)·CE(student, labels) + ω·τ²·KD(teacher → student)``, averaged over the tokens the mask keeps.
 
@@ -76,7 +77,9 @@ def salt_loss(
     (Hinton et al.) keeps the KD gradient's scale independent of τ; turn it off with
     ``scale_kd_by_temperature_squared=False``.  ``fuse_ce_with_kd``: where it can (τ = 1, one unpadded vocabulary
     shard, kernels with split gradient weights), take CE from the KD pass instead of a softmax of its own (the same
-    numbers, one pass fewer); ``False`` always computes the two apart.
+    numbers, one pass fewer); ``False`` always computes the two apart.  ``kd_token_weights`` (``labels.shape``,
+    mean 1 over the kept tokens; ``salt_megatron.kd.token_weights``): ω per token is ω·w, the loss per token
+    max(0, 1-ω·w)·CE + ω·w·[τ²]·KD.
     """
     check_kd_weight(kd_weight)
     check_temperature(temperature)
@@ -117,15 +120,34 @@ def salt_loss(
                 tp_group=tp_group, loss_mask=None if loss_mask is None else loss_mask != 0, impl=impl,
             )
     ce = (ce_tokens.float() * mask).sum() / denom
-    loss = (1.0 - kd_weight) * ce if kd_weight < 1 else ce.detach() * 0.0
-
+    factor = temperature**2 if scale_kd_by_temperature_squared else 1.0
     kd = None
+    if kd_weight > 0 and kd_token_weights is not None:
+        if kd_token_weights.shape != labels.shape:
+            raise ValueError(f"kd_token_weights must have shape {tuple(labels.shape)}, got "
+                             f"{tuple(kd_token_weights.shape)}")
+        omega = kd_weight * kd_token_weights.detach().float()
+        kd = (kd_tokens.float() * mask).sum() / denom
+        loss = (((1.0 - omega).clamp(min=0.0) * ce_tokens.float() + factor * omega * kd_tokens.float()) * mask
+                ).sum() / denom
+        return SaltLoss(loss=loss, ce=ce.detach(), kd=kd.detach(), num_tokens=num_tokens)
+    loss = (1.0 - kd_weight) * ce if kd_weight < 1 else ce.detach() * 0.0
     if kd_weight > 0:
         kd = (kd_tokens.float() * mask).sum() / denom
-        factor = temperature**2 if scale_kd_by_temperature_squared else 1.0
         loss = loss + kd_weight * factor * kd
         kd = kd.detach()
     return SaltLoss(loss=loss, ce=ce.detach(), kd=kd, num_tokens=num_tokens)
+
+
+def masked_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                              tp_group) -> torch.Tensor:
+    """Mean next-token CE over the tokens the mask keeps, without autograd: the teacher's CE on a batch, from the
+    logits the KD term uses anyway (``--kd-transition auto``).  A copy under TP: megatron-core's CE is in place."""
+    with torch.no_grad():
+        sharded = tp_group is not None and torch.distributed.get_world_size(group=tp_group) > 1
+        ce = vocab_parallel_cross_entropy(logits.clone() if sharded else logits, labels, tp_group)
+        mask = loss_mask.float()
+        return (ce.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:

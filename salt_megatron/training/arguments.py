@@ -7,6 +7,7 @@ line override it.  Everything is validated here, before any process group, model
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import yaml
@@ -18,6 +19,7 @@ from salt_megatron.data.selection import MODES as SELECTION_MODES
 from salt_megatron.distributed import data_parallel_size
 from salt_megatron.kd.checks import check_kd_weight, check_temperature
 from salt_megatron.kd.select import IMPLS as KD_IMPLS
+from salt_megatron.kd.token_weights import TOKEN_WEIGHTINGS
 from salt_megatron.schedule import TRANSITIONS
 from salt_megatron.training.guards import add_exit_args
 from salt_megatron.training.metrics import LOG_FORMATS
@@ -89,7 +91,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batch-size", type=int, default=8)
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data-parallel size")
     g.add_argument("--train-iters", type=int, default=100)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=1234, help="initialisation and training-data order")
+    g.add_argument("--eval-seed", type=int, default=1234,
+                   help="the validation windows' shuffle, apart from --seed: every run (any --seed) and its teacher "
+                        "evaluate the same windows")
     prec = g.add_mutually_exclusive_group()
     prec.add_argument("--bf16", action="store_true")
     prec.add_argument("--fp16", action="store_true")
@@ -157,6 +162,14 @@ def add_salt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kd-temperature", type=float, default=1.0, help="τ for the teacher's soft labels")
     g.add_argument("--kd-transition", choices=TRANSITIONS, default="step")
     g.add_argument("--kd-decay-steps", type=int, default=None, help="length of a linear/cosine ramp (default: n_KD)")
+    g.add_argument("--kd-auto-window", type=int, default=20,
+                   help="auto: KD steps over which student CE - teacher CE on the KD batches is averaged")
+    g.add_argument("--kd-auto-margin", type=float, default=0.0,
+                   help="auto: KD ends once that average is at most this many nats (--kd-steps stays the latest end)")
+    g.add_argument("--kd-token-weighting", choices=TOKEN_WEIGHTINGS, default="none",
+                   help="ω per token, scaled by whether the teacher's top-1 / top-k holds the true token or by its "
+                        "probability of it (mean ω unchanged)")
+    g.add_argument("--kd-token-topk", type=int, default=10, help="k of teacher_topk")
     g.add_argument("--kd-no-temperature-squared", action="store_true", help="do not scale KD by τ²")
     g.add_argument("--kd-impl", choices=KD_IMPLS, default="auto", help="KD loss kernels")
     g = p.add_argument_group("SALT_DS (data selection for the KD phase, from `salt-megatron score`)")
@@ -297,6 +310,10 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
             0 < args.kd_decay_steps <= max(args.kd_steps, 1)
         ):
             errors.append("--kd-decay-steps must be in [1, --kd-steps]")
+        if args.kd_transition == "auto" and (args.kd_auto_window < 1 or not math.isfinite(args.kd_auto_margin)):
+            errors.append("--kd-auto-window must be >= 1 and --kd-auto-margin a finite number of nats")
+        if args.kd_token_topk < 1:
+            errors.append("--kd-token-topk must be >= 1")
     elif args.kd_steps:
         errors.append("--kd-steps given without --teacher-load")
     if args.kd_data_selection != "none":

@@ -22,8 +22,10 @@ ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_
                 "position_embedding_type", "untie_embeddings_and_output_weights")
 GROUPS = {  # group -> (the override flag's dest, the record's keys)
     "SALT schedule": ("override_salt_schedule", ("teacher_fingerprint", "kd_weight", "kd_steps", "kd_transition",
-                                                 "kd_decay_steps", "kd_temperature", "kd_no_temperature_squared")),
-    "data": ("override_data", ("train_data", "valid_data", "split", "seed", "global_batch_size", "kd_data_selection",
+                                                 "kd_decay_steps", "kd_temperature", "kd_no_temperature_squared",
+                                                 "kd_auto_window", "kd_auto_margin", "kd_token_weighting",
+                                                 "kd_token_topk")),
+    "data": ("override_data", ("train_data", "valid_data", "split", "seed", "eval_seed", "global_batch_size", "kd_data_selection",
                                "kd_select_fraction", "kd_select_skip_fraction", "kd_select_by", "score_sidecar")),
     "LR schedule": ("override_opt_param_scheduler", ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters",
                                                      "lr_decay_style", "weight_decay")),
@@ -50,7 +52,7 @@ def run_record(args, *, arch, tokenizer_hash: str, sources, teacher_fingerprint:
         # one dataset: its absolute prefix (as before blends); a blend: [[weight, prefix], ...]
         "train_data": sources.train.record(), "valid_data": sources.valid and sources.valid.record(),
         "split": sources.split,
-        "seed": args.seed, "global_batch_size": args.global_batch_size,
+        "seed": args.seed, "eval_seed": args.eval_seed, "global_batch_size": args.global_batch_size,
         "kd_data_selection": args.kd_data_selection,
         **{k: getattr(args, k) if selecting else None
            for k in ("kd_select_fraction", "kd_select_skip_fraction", "kd_select_by")},

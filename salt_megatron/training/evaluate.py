@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--eval-iters", type=int, default=None, help="default: the whole split")
     add_subset_arg(p, "valid")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", "--eval-seed", dest="seed", type=int, default=1234,
+                   help="the windows' shuffle (pretrain's --eval-seed)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     return p
 

@@ -30,6 +30,7 @@ def checkpoint_meta(run: Run) -> dict:
     return {
         "arch": run.arch.to_dict(),
         "consumed_samples": run.state.consumed_samples,
+        "kd_gaps": run.state.kd_gaps, "kd_ended_at": run.state.kd_ended_at,
         "opt_param_scheduler": run.scheduler.state_dict(),
         "salt_schedule": run.salt.schedule.state_dict() if run.salt.schedule is not None else None,
         "tokenizer_hash": run.tokenizer.hash,
@@ -57,6 +58,8 @@ def evaluate_all(run: Run) -> dict | None:
         extra = evaluate(run.backend.model, dataset, run.batch, args.eval_iters)
         if m is not None and extra is not None:
             m[f"val_loss_{name}"] = extra["val_loss"]
+    if m is not None:
+        m.update(run.data.eval_windows)
     return m
 
 
@@ -70,7 +73,21 @@ def train(run: Run, start_time: float | None = None) -> dict:
     finally:
         stop.close()
     history["teacher_forward_calls"] = run.teacher.forward_calls if run.teacher is not None else 0
+    history["kd_ended_at"] = run.state.kd_ended_at
     return history
+
+
+def _auto_switch(run: Run, gap: float) -> None:
+    """--kd-transition auto: record this KD step's gap (the same number on every rank: the step all-reduced it) and
+    end KD from the next step once the window's mean is within the margin."""
+    state, schedule = run.state, run.salt.schedule
+    state.kd_gaps = [*state.kd_gaps, gap][-schedule.auto_window:]
+    if state.kd_ended_at is None and schedule.auto_switch_due(state.kd_gaps):
+        state.kd_ended_at = state.step
+        run.writer.message(f"step {state.step}: the student's CE on the KD batches is within {schedule.auto_margin} "
+                           f"nats of the teacher's over the last {schedule.auto_window} KD steps (mean gap "
+                           f"{sum(state.kd_gaps) / len(state.kd_gaps):+.4f}): KD ends, auto switch at step "
+                           f"{state.step}")
 
 
 def _loop(run: Run, history: dict, stop: StopRequests) -> None:
@@ -87,10 +104,13 @@ def _loop(run: Run, history: dict, stop: StopRequests) -> None:
     if has_valid and args.eval_interval and state.step == 0:
         run_eval()
     while state.step < args.train_iters:
-        if run.teacher is not None and run.teacher.loaded and not run.salt.teacher_needed(state.step):
+        if run.teacher is not None and run.teacher.loaded and \
+                not run.salt.teacher_needed(state.step, state.kd_ended_at):
             run.teacher.release()
             run.writer.message(f"step {state.step}: KD phase over (ω = 0); teacher released")
         m = train_step(run)
+        if m.get("kd_gap") is not None:
+            _auto_switch(run, m["kd_gap"])
         if args.check_for_nan_in_loss_and_grad:
             check_finite(state.step, m, last_saved)  # before this step can be saved
         if "loss" in m:

@@ -150,18 +150,25 @@ def _score_sidecars(args, salt: SaltConfig, sources, tokenizer_hash: str):
 def build_data(args, inputs: Inputs, salt: SaltConfig, writer: MetricsWriter) -> Data:
     """GPTDatasets (train, valid, extra held-out sets) and, for SALT_DS, the selected windows of the KD phase.
     Collective: every rank builds (rank 0 writes megatron-core's index cache, the others wait)."""
-    from salt_megatron.data.gpt_data import build_gpt_datasets
+    from salt_megatron.data.gpt_data import build_gpt_datasets, windows_hash
 
     def datasets(train, valid, seed, train_samples, valid_samples=None, split=None):
         return build_gpt_datasets(train, valid, inputs.tokenizer, seq_length=args.seq_length, seed=seed,
                                   train_samples=train_samples, valid_samples=valid_samples,
-                                  cache_dir=args.data_cache_path, split=split)
+                                  cache_dir=args.data_cache_path, split=split, valid_seed=args.eval_seed)
 
+    # held-out windows are shuffled by --eval-seed, not --seed: every run evaluates the same text
     eval_samples = max(args.eval_iters, 1) * args.global_batch_size
     sources = inputs.sources
     train, valid = datasets(sources.train, sources.valid, args.seed, args.train_iters * args.global_batch_size,
                             eval_samples, split=sources.split)
-    extra_valid = {name: datasets(prefix, None, args.seed, eval_samples)[0] for name, prefix in args.extra_valid.items()}
+    extra_valid = {name: datasets(prefix, None, args.eval_seed, eval_samples)[0]
+                   for name, prefix in args.extra_valid.items()}
+    eval_windows = {f"val_windows{'_' + name if name else ''}": windows_hash(dataset, eval_samples)
+                    for name, dataset in {"": valid, **extra_valid}.items() if dataset is not None}
+    if eval_windows:
+        writer.message(f"evaluation: {eval_samples} windows per held-out set (--eval-seed {args.eval_seed}): "
+                       + ", ".join(f"{k} {v}" for k, v in eval_windows.items()))
     kd = None
     if inputs.sidecars is not None:
         from salt_megatron.data.selection import BlendedSelection, SelectedWindows
@@ -183,7 +190,7 @@ def build_data(args, inputs: Inputs, salt: SaltConfig, writer: MetricsWriter) ->
                        f"({selection.mode}, score {selection.select_by}, sidecar {kd.sidecar_hash}"
                        + (f"; {len(parts)} prefixes, weights {', '.join(f'{w:.3g}' for w in kd.weights)})"
                           if len(parts) > 1 else ")"))
-    return Data(train=train, valid=valid, kd=kd, extra_valid=extra_valid)
+    return Data(train=train, valid=valid, kd=kd, extra_valid=extra_valid, eval_windows=eval_windows)
 
 
 def build_student(args, arch: GPTArchitecture):
@@ -203,7 +210,8 @@ def build_teacher(args, salt: SaltConfig, inputs: Inputs, writer: MetricsWriter)
 
     from salt_megatron.teacher import Teacher
 
-    if inputs.teacher_meta is None or not salt.teacher_needed(inputs.start_step):
+    ended_at = inputs.resume_meta.get("kd_ended_at") if inputs.resume_meta else None
+    if inputs.teacher_meta is None or not salt.teacher_needed(inputs.start_step, ended_at):
         return None
     meta = inputs.teacher_meta
     rng = checkpointing.rng_state()  # building the teacher draws init numbers: keep the student's stream
@@ -246,7 +254,8 @@ def resume(run: Run, resume_meta: dict | None, overrides: list) -> None:
         for group in run.scheduler.optimizer.param_groups:
             group.update({k: v for k, v in (("max_lr", run.args.lr), ("min_lr", run.args.min_lr)) if k in group})
     run.scheduler.load_state_dict(resume_meta["opt_param_scheduler"])
-    run.state = TrainState(step=int(resume_meta["step"]), consumed_samples=int(resume_meta["consumed_samples"]))
+    run.state = TrainState(step=int(resume_meta["step"]), consumed_samples=int(resume_meta["consumed_samples"]),
+                           kd_gaps=list(resume_meta.get("kd_gaps") or []), kd_ended_at=resume_meta.get("kd_ended_at"))
     run.init_fingerprint = resume_meta.get("init_fingerprint")
     run.writer.message(f"resumed from {resume_meta['path']} at step {run.state.step}")
 

@@ -13,6 +13,10 @@ from salt_megatron.model import GPTArchitecture
 class TrainState:
     step: int = 0  # optimizer steps taken
     consumed_samples: int = 0
+    # --kd-transition auto: student CE - teacher CE of each KD step so far (the last window's), and the step from
+    # which the switch turned KD off (None: not yet)
+    kd_gaps: list = dataclasses.field(default_factory=list)
+    kd_ended_at: int | None = None
 
 
 @dataclasses.dataclass
@@ -21,6 +25,8 @@ class Data:
     valid: object | None  # GPTDataset, or None (no validation split)
     kd: object | None  # SALT_DS: the selected windows the KD phase draws from (None: the ordinary data)
     extra_valid: dict = dataclasses.field(default_factory=dict)  # --extra-valid-data-path: {name: GPTDataset}
+    # which windows each evaluation reads: {"val_windows" / "val_windows_NAME": hash of their tokens}
+    eval_windows: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

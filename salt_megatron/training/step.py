@@ -13,6 +13,8 @@ import torch
 
 from salt_megatron.distributed import compute_device, to_device
 from salt_megatron.kd import salt_loss
+from salt_megatron.kd.loss import masked_mean_cross_entropy
+from salt_megatron.kd.token_weights import kd_token_weights
 from salt_megatron.model import causal_attention_mask
 from salt_megatron.training.state import Run
 
@@ -34,8 +36,9 @@ def train_step(run: Run) -> dict:
     from salt_megatron.data.gpt_data import micro_batches
 
     salt, batch, state = run.salt, run.batch, run.state
-    omega = salt.kd_weight(state.step)
+    omega = salt.kd_weight(state.step, state.kd_ended_at)
     use_teacher = omega > 0 and run.teacher is not None and run.teacher.loaded
+    measure_gap = salt.auto_switch and omega > 0  # the auto switch compares the student's CE with the teacher's
     # SALT_DS: while the teacher is in use, samples come from the selected windows; afterwards the ordinary data
     selected = run.data.kd is not None and omega > 0
     start = time.perf_counter()
@@ -46,15 +49,23 @@ def train_step(run: Run) -> dict:
     ))
 
     def loss_func(data, teacher_logits, student_logits):
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        weights = None
+        if salt.token_weighting != "none" and teacher_logits is not None:
+            weights = kd_token_weights(teacher_logits, data["labels"], salt.token_weighting,
+                                       loss_mask=data["loss_mask"], k=salt.token_topk, vocab_size=run.arch.vocab_size,
+                                       tp_group=tp_group)
         out = salt_loss(
             student_logits, data["labels"], teacher_logits, kd_weight=omega, temperature=salt.temperature,
-            loss_mask=data["loss_mask"], vocab_size=run.arch.vocab_size,
-            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            loss_mask=data["loss_mask"], vocab_size=run.arch.vocab_size, tp_group=tp_group,
             scale_kd_by_temperature_squared=salt.scale_kd_by_temperature_squared, impl=salt.kernel_impl,
-            fuse_ce_with_kd=salt.fuse_ce_with_kd,
+            fuse_ce_with_kd=salt.fuse_ce_with_kd, kd_token_weights=weights,
         )
         # a copy: megatron-core's schedule scales the returned loss in place (÷ micro-batches) after this returns
         logs = {"loss": out.loss.detach().clone(), "ce": out.ce, "kd": out.kd if out.kd is not None else out.ce * 0}
+        if measure_gap:
+            logs["teacher_ce"] = masked_mean_cross_entropy(teacher_logits, data["labels"], data["loss_mask"],
+                                                           tp_group)
         return out.loss, logs
 
     def forward_step(data_iterator, model):
@@ -89,4 +100,20 @@ def train_step(run: Run) -> dict:
         n = len(losses)
         means = dp_mean([sum(float(x[k]) for x in losses) / n for k in ("loss", "ce", "kd")])
         metrics.update(loss=means[0], ce=means[1], kd=means[2] if omega > 0 else None)
+    if measure_gap:
+        metrics["kd_gap"] = _kd_gap(losses)
     return metrics
+
+
+def _kd_gap(losses: list[dict]) -> float:
+    """Student CE - teacher CE on this step's KD batches, the same number on every rank: the last pipeline stage
+    (where the losses live) has it data-parallel averaged; one all-reduce hands it to the other stages."""
+    from megatron.core import parallel_state
+
+    t = torch.zeros(2, dtype=torch.float64, device=compute_device())
+    if parallel_state.is_pipeline_last_stage():
+        n = len(losses)
+        t[0] = dp_mean([sum(float(x["ce"]) - float(x["teacher_ce"]) for x in losses) / n])[0]
+        t[1] = 1.0
+    torch.distributed.all_reduce(t)
+    return float(t[0] / t[1])
