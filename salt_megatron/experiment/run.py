@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
-from salt_megatron.demo import cli_command, model_flags, read_metrics, run_stage
-from salt_megatron.files import write_text_atomically
+from salt_megatron.demo import cli_command, run_stage
 from salt_megatron.errors import ArgumentParser, UsageError, require_modules
+from salt_megatron.experiment.stages import atomic_json, prepare_data, pretrain_once, run_flags
 
 # the method's knobs, the same in every preset: ω0, τ, and the share of windows SALT_DS keeps
 _SALT_KNOBS = dict(kd_weight=0.5, kd_temperature=1.0, select_fraction=0.3)
@@ -48,6 +47,16 @@ PRESETS = {
         **_SALT_KNOBS,
         eval_interval=20, eval_iters=32,
         seeds={"main": 2, "salt_ds": 1, "ablation": 1},
+    ),
+    # the paper's regime (salt_megatron.experiment.paper_regime): a teacher of ~0.5x the student's parameters on the
+    # student's own token budget (under one epoch), learning rates from a sweep, 6 paired seeds; 35 runs
+    "paper-regime": dict(
+        vocab=2048, seq=128, micro_batch=16,
+        teacher_layers=2, teacher_hidden=112, teacher_heads=4, teacher_iters=300, teacher_lr=None,
+        student_layers=4, student_hidden=128, student_heads=4, student_iters=300, student_lr=None,
+        **_SALT_KNOBS,
+        eval_interval=25, eval_iters=32, lr_sweep=[2e-3, 4e-3, 8e-3],
+        seeds=6, rkd_seeds=2,
     ),
     # for the test suite: seconds per run
     "tiny": dict(
@@ -101,65 +110,9 @@ def planned_runs(p: dict, variants: list[str]) -> list[tuple[str, int]]:
             if seed <= p["seeds"][VARIANTS[v][1]]]
 
 
-def _atomic_json(path: str, obj) -> None:
-    write_text_atomically(path, json.dumps(obj, indent=1))
-
-
-def _prepare_data(out: str, p: dict) -> tuple[str, str, dict]:
-    """SOTU (train + held-out years) and Shakespeare with SOTU's tokenizer; returns prefixes and data facts."""
-    from salt_megatron.data.corpora import export_shakespeare, export_sotu
-
-    prefix = os.path.join(out, "data", "sotu")
-    shakespeare = os.path.join(out, "data", "shakespeare")
-    cost_file = os.path.join(out, "data", "cost.json")
-    if not os.path.exists(cost_file):
-        seconds = 0.0
-        if not os.path.exists(prefix + "_valid.idx"):
-            train_jsonl, valid_jsonl = export_sotu(os.path.join(out, "text"))
-            seconds += run_stage([*cli_command(), "prepare", "--input", train_jsonl, "--valid-input", valid_jsonl,
-                                  "--output-prefix", prefix, "--vocab-size", str(p["vocab"]), "--workers", "2"],
-                                 os.path.join(out, "prepare_sotu.log"))
-        if not os.path.exists(shakespeare + "_train.idx"):
-            jsonl = export_shakespeare(os.path.join(out, "text"))
-            seconds += run_stage([*cli_command(), "prepare", "--input", jsonl, "--output-prefix", shakespeare,
-                                  "--tokenizer-model", prefix + ".model", "--workers", "2"],
-                                 os.path.join(out, "prepare_shakespeare.log"))
-        _atomic_json(cost_file, {"prepare_s": seconds})
-    facts = {}
-    for name, path in (("sotu", prefix), ("shakespeare", shakespeare)):
-        with open(path + ".json") as f:
-            facts[name] = json.load(f)
-    return prefix, shakespeare + "_train", facts
-
-
-def _student_or_teacher_flags(p: dict, who: str, eval_flags: list[str]) -> list[str]:
-    return [*model_flags(p, who, log_interval=max(10, p[f"{who}_iters"] // 20)), *eval_flags]
-
-
-def _train_rows(metrics: dict) -> list[dict]:
-    return [{k: r[k] for k in ("step", "step_time_s", "kd_weight", "teacher_ran", "loss", "ce")}
-            for r in metrics["train"]]
-
-
-def _pretrain_once(run_dir: str, pretrain_args: list[str], log: str, **fields) -> dict:
-    """``pretrain`` into ``run_dir`` (checkpoint, metrics) unless its ``result.json`` exists; an unfinished run
-    starts over.  The result: ``fields``, the command's wall-clock, the evaluations and the per-step rows."""
-    result_file = os.path.join(run_dir, "result.json")
-    if not os.path.exists(result_file):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        os.makedirs(run_dir)
-        metrics = os.path.join(run_dir, "metrics.jsonl")
-        seconds = run_stage([*cli_command(), "pretrain", *pretrain_args, "--save", os.path.join(run_dir, "checkpoint"),
-                             "--metrics-file", metrics], log)
-        m = read_metrics(metrics)
-        _atomic_json(result_file, {**fields, "wall_s": seconds, "eval": m["eval"], "train": _train_rows(m)})
-    with open(result_file) as f:
-        return json.load(f)
-
-
 def _train_teacher(out: str, p: dict, prefix: str, eval_flags: list[str]) -> dict:
-    return _pretrain_once(os.path.join(out, "teacher"), ["--data-path", prefix,
-                          *_student_or_teacher_flags(p, "teacher", eval_flags), "--seed", "1000"],
+    return pretrain_once(os.path.join(out, "teacher"), ["--data-path", prefix,
+                          *run_flags(p, "teacher", eval_flags), "--seed", "1000"],
                           os.path.join(out, "teacher.log"))
 
 
@@ -173,7 +126,7 @@ def _score(out: str, p: dict, prefix: str, teacher_ckpt: str) -> float:
             seconds = run_stage([*cli_command(), "score", "--load", teacher_ckpt, "--data-path", prefix,
                                  "--seq-length", str(p["seq"]), "--micro-batch-size", "32"],
                                 os.path.join(out, "score.log"))
-        _atomic_json(cost_file, {"scoring_s": seconds})
+        atomic_json(cost_file, {"scoring_s": seconds})
     with open(cost_file) as f:
         return json.load(f)["scoring_s"]
 
@@ -186,7 +139,7 @@ def _train_student(out: str, p: dict, prefix: str, eval_flags: list[str], name: 
     else:
         print(f"[{name} seed {seed}] {VARIANTS[name][0]}", flush=True)
     flags = variant_flags(name, p, teacher_ckpt)
-    return _pretrain_once(run_dir, ["--data-path", prefix, *_student_or_teacher_flags(p, "student", eval_flags),
+    return pretrain_once(run_dir, ["--data-path", prefix, *run_flags(p, "student", eval_flags),
                                     *flags, "--seed", str(seed)],
                           os.path.join(run_dir, "train.log"), variant=name, seed=seed, flags=flags)
 
@@ -216,12 +169,17 @@ def main(argv=None) -> None:
         if earlier["preset"] != p:
             raise UsageError(f"{out} holds runs of another preset ({earlier['name']}); use another --out")
     else:
-        _atomic_json(plan_file, {"name": preset_name, "preset": p})
+        atomic_json(plan_file, {"name": preset_name, "preset": p})
+    if preset_name == "paper-regime":
+        from salt_megatron.experiment.paper_regime import run
+
+        print(f"\nreport: {run(p, out, report_dir)}")
+        return
 
     started = time.time()
     plan = planned_runs(p, variants)
     print(f"experiment ({preset_name}): {len(plan)} student runs in {out}", flush=True)
-    prefix, shakespeare, data_facts = _prepare_data(out, p)
+    prefix, shakespeare, data_facts = prepare_data(out, p)
     eval_flags = ["--eval-interval", str(p["eval_interval"]), "--eval-iters", str(p["eval_iters"]),
                   "--extra-valid-data-path", f"shakespeare={shakespeare}"]
     teacher = _train_teacher(out, p, prefix, eval_flags)
