@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip -q --disable-pip-version-check
 CONSTRAINTS := -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo demo-full experiment experiment-quick bench wheel-smoke clean
+.PHONY: install test demo demo-full experiment experiment-quick experiment-paper bench wheel-smoke clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ experiment: $(STAMP)
 
 experiment-quick: $(STAMP)
 	$(PY) -m salt_megatron.cli experiment --quick --out experiment_out_quick --report-dir docs/experiment/quick
+
+# the paper's regime, pre-registered (docs/experiment/paper_regime/): ~35 min on 2 cores
+experiment-paper: $(STAMP)
+	$(PY) -m salt_megatron.cli experiment --preset paper-regime --out experiment_out_paper \
+	  --report-dir docs/experiment/paper_regime
 
 bench: $(STAMP)
 	$(PY) benchmarks/kd_loss.py

@@ -152,3 +152,26 @@ def test_tiny_experiment_end_to_end_then_resumes_by_skipping(tmp_path):
     third = subprocess.run([sys.executable, "-m", "salt_megatron.cli", "experiment", "--quick", "--out", str(out)],
                            capture_output=True, text=True, timeout=120)
     assert third.returncode != 0 and "another preset" in third.stderr
+
+
+def test_the_paper_regime_gate_and_verdict():
+    from salt_megatron.experiment.paper_regime import gate, preregistration
+    from salt_megatron.experiment.paper_report import verdict
+
+    teacher = _result("teacher", 1000, [8.0, 6.0, 5.0, 4.9], [9.0] * 4, [1.0])
+    late = _result("baseline", 101, [8.0, 6.5, 5.2, 4.7], [9.0] * 4, [1.0])  # below 4.9 between steps 20 and 30
+    g = gate(late, teacher, iters=30)
+    assert g["cross_step"] == pytest.approx(20 + 0.3 / 0.5 * 10) and g["gap"] == pytest.approx(0.2) and g["passed"]
+    assert not gate(_result("baseline", 101, [8.0, 4.8, 4.8, 4.85], [9.0] * 4, [1.0]), teacher, 30)["passed"]
+    early = _result("baseline", 101, [8.0, 4.85, 4.8, 4.75], [9.0] * 4, [1.0])  # passes it inside the KD phase
+    assert gate(early, teacher, iters=200)["cross_step"] < round(0.17 * 200) and not gate(early, teacher, 200)["passed"]
+    base = [_result("baseline", s, [8.0, 6.0, 5.0, 4.0 + s / 100], [9.0] * 4, [1.0]) for s in range(1, 7)]
+    better = [_result("salt", s, [8.0, 5.5, 4.0, 3.96 + s / 100], [9.0] * 4, [1.0]) for s in range(1, 7)]
+    tied = [_result("tied", s, [8.0, 6.0, 5.0, 4.0 + s / 100 + (0.01 if s % 2 else -0.01)], [9.0] * 4, [1.0])
+            for s in range(1, 7)]
+    s = analysis.summarise(base + better + tied, iters=30)
+    good, none = verdict(s["salt"], 30), verdict(s["tied"], 30)
+    assert good["h1"] and good["h2"] and good["success"] and good["test"].mean == pytest.approx(-0.04)
+    assert not none["h1"] and not none["success"]
+    text = preregistration(dict(PRESETS["paper-regime"], student_lr=None))
+    assert "H1" in text and "p < 0.05" in text and "seed 101" in text

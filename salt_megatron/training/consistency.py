@@ -25,8 +25,9 @@ GROUPS = {  # group -> (the override flag's dest, the record's keys)
                                                  "kd_decay_steps", "kd_temperature", "kd_no_temperature_squared",
                                                  "kd_auto_window", "kd_auto_margin", "kd_token_weighting",
                                                  "kd_token_topk")),
-    "data": ("override_data", ("train_data", "valid_data", "split", "seed", "eval_seed", "global_batch_size", "kd_data_selection",
-                               "kd_select_fraction", "kd_select_skip_fraction", "kd_select_by", "score_sidecar")),
+    "data": ("override_data", ("train_data", "valid_data", "split", "seed", "eval_seed", "global_batch_size",
+                               "kd_data_selection", "kd_select_fraction", "kd_select_skip_fraction", "kd_select_by",
+                               "score_sidecar")),
     "LR schedule": ("override_opt_param_scheduler", ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters",
                                                      "lr_decay_style", "weight_decay")),
 }
