@@ -125,6 +125,20 @@ def test_megatron_lm_args_are_read_with_its_defaults():
         "swiglu", "RMSNorm", 1, 1e-6, 500000, 32.0, 500, 512)
 
 
+def _score_and_evaluate(rank, world, calls):
+    """``score`` / ``evaluate`` invocations in one process (no interpreter start per call); their results."""
+    from salt_megatron.scoring import build_parser as score_parser, score
+    from salt_megatron.training.evaluate import build_parser as evaluate_parser, evaluate_checkpoint
+
+    out = []
+    for command, argv in calls:
+        if command == "score":
+            out.append(score(score_parser().parse_args(argv))[0])
+        else:
+            out.append(evaluate_checkpoint(evaluate_parser().parse_args(argv))["val_loss"])
+    return out
+
+
 def test_a_megatron_lm_checkpoint_scores_and_evaluates_like_the_same_weights_in_our_format(corpus, teacher_dir,
                                                                                           tmp_path):
     """SALT_DS with a Megatron-LM SLM: `score` writes the same scores, `evaluate` the same loss, as for the same
@@ -134,23 +148,20 @@ def test_a_megatron_lm_checkpoint_scores_and_evaluates_like_the_same_weights_in_
     import numpy as np
 
     mlm = _megatron_lm_teacher(teacher_dir, tmp_path / "mlm", _megatron_lm_args(corpus + ".model"))
-    scores, losses = {}, {}
-    for name, ckpt in (("ours", teacher_dir), ("megatron_lm", mlm)):
-        data = tmp_path / name / "sotu"
-        data.parent.mkdir()
-        for suffix in ("_train.bin", "_train.idx", "_valid.bin", "_valid.idx", ".model"):
-            shutil.copy(corpus + suffix, str(data) + suffix)
-        proc = run_cli("score", "--load", ckpt, "--data-path", data, "--no-progress")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        scores[name] = np.load(str(data) + "_train.salt_scores.samples.npy")
-        proc = run_cli("evaluate", "--load", ckpt, "--data-path", data, "--json")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        losses[name] = json.loads(proc.stdout.strip().splitlines()[-1])["val_loss"]
-    assert np.array_equal(scores["ours"], scores["megatron_lm"]) and losses["ours"] == losses["megatron_lm"]
     bare = _megatron_lm_teacher(teacher_dir, tmp_path / "bare", None)  # no args saved
     config = tmp_path / "model.yaml"
     config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in vars(_megatron_lm_args(None)).items()))
-    proc = run_cli("evaluate", "--load", bare, "--data-path", corpus, "--model-config", config, "--tokenizer-model",
-                   corpus + ".model", "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["val_loss"] == losses["ours"]
+    calls, data = [], {}
+    for name, ckpt in (("ours", teacher_dir), ("megatron_lm", mlm)):
+        data[name] = tmp_path / name / "sotu"
+        data[name].parent.mkdir()
+        for suffix in ("_train.bin", "_train.idx", "_valid.bin", "_valid.idx", ".model"):
+            shutil.copy(corpus + suffix, str(data[name]) + suffix)
+        calls += [("score", ["--load", str(ckpt), "--data-path", str(data[name]), "--no-progress"]),
+                  ("evaluate", ["--load", str(ckpt), "--data-path", str(data[name])])]
+    calls.append(("evaluate", ["--load", str(bare), "--data-path", corpus, "--model-config", str(config),
+                               "--tokenizer-model", corpus + ".model"]))
+    _, ours_loss, _, mlm_loss, bare_loss = run_workers(_score_and_evaluate, 1, calls)[0]
+    scores = {name: np.load(str(d) + "_train.salt_scores.samples.npy") for name, d in data.items()}
+    assert np.array_equal(scores["ours"], scores["megatron_lm"]) and scores["ours"].size > 0
+    assert ours_loss == mlm_loss == bare_loss
