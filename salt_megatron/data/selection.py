@@ -89,13 +89,12 @@ class BlendedSelection:
     the prefix megatron-core's blending rule picks for it (``helpers.build_blending_indices``, the greedy rule of
     its ``BlendedDataset``), so the KD phase keeps the blend's weights.  A pure function of ``i``: resume is exact."""
 
-    def __init__(self, parts: list, weights):
+    def __init__(self, parts: list, weights, sidecar_hash: str):
         weights = np.asarray(weights, dtype=np.float64)
         if len(parts) != weights.size or weights.sum() <= 0:
             raise ValueError("one positive weight per selected part")
         self.parts, self.weights = parts, weights / weights.sum()
-        digest = hashlib.sha256("|".join(f"{w!r}:{p.sidecar_hash}" for w, p in zip(self.weights, parts)).encode())
-        self.sidecar_hash = digest.hexdigest()[:16]
+        self.sidecar_hash = sidecar_hash  # the scored blend's (scores.blend_sidecar_hash, as the run records it)
         self._dataset_index = self._sample_index = np.empty(0, dtype=np.int64)
 
     def __len__(self) -> int:

@@ -184,7 +184,7 @@ def build_data(args, inputs: Inputs, salt: SaltConfig, writer: MetricsWriter) ->
                                          cache_dir=args.data_cache_path))
         # megatron-core's rule for a blend without weights: by size (here: scored windows)
         weights = inputs.scored_weights or [h["num_windows"] for h, _, _ in inputs.sidecars.values()]
-        kd = parts[0] if len(parts) == 1 else BlendedSelection(parts, weights)
+        kd = parts[0] if len(parts) == 1 else BlendedSelection(parts, weights, inputs.record["score_sidecar"])
         scored_windows = sum(h["num_windows"] for h, _, _ in inputs.sidecars.values())
         writer.message(f"SALT_DS: KD phase draws from {kd.num_selected} of {scored_windows} windows "
                        f"({selection.mode}, score {selection.select_by}, sidecar {kd.sidecar_hash}"
