@@ -3,6 +3,7 @@
     salt-megatron prepare     text/JSONL → SentencePiece tokenizer → Megatron indexed dataset (.bin/.idx)
     salt-megatron pretrain    train a GPT model (the teacher), or a student with SALT (--teacher-load)
     salt-megatron score       the SLM scores every training window (SALT_DS data selection)
+    salt-megatron cache-teacher  the SLM's top-K at every token of the KD phase's windows (offline teacher)
     salt-megatron evaluate    validation loss / perplexity of a checkpoint on any indexed dataset
     salt-megatron demo        the end-to-end CPU demo behind `make demo`
     salt-megatron experiment  the reproduction report: baselines, ablations and paired seeds (`make experiment`)
@@ -25,6 +26,7 @@ COMMANDS = {
     "prepare": ("salt_megatron.data.prepare", "main"),
     "pretrain": ("salt_megatron.training.loop", "main"),
     "score": ("salt_megatron.scoring", "main"),
+    "cache-teacher": ("salt_megatron.cache_teacher", "main"),
     "evaluate": ("salt_megatron.training.evaluate", "main"),
     "demo": ("salt_megatron.demo", "main"),
     "experiment": ("salt_megatron.experiment.run", "main"),

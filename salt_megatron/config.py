@@ -28,6 +28,7 @@ class SaltConfig:
 
     schedule: SaltSchedule | None = None
     teacher_load: str | None = None
+    teacher_cache: str | None = None  # the KD phase reads the teacher's top-K from this cache instead
     temperature: float = 1.0
     scale_kd_by_temperature_squared: bool = True
     kernel_impl: str = "auto"  # salt_megatron.kd.IMPLS
@@ -56,7 +57,7 @@ class SaltConfig:
     def from_args(cls, args) -> "SaltConfig":
         """From validated ``pretrain`` flags (``salt_megatron.training.arguments``)."""
         schedule = None
-        if args.teacher_load:
+        if args.teacher_load or args.teacher_cache:
             schedule = SaltSchedule(kd_weight=args.kd_weight, kd_steps=args.kd_steps, transition=args.kd_transition,
                                     decay_steps=args.kd_decay_steps, auto_window=args.kd_auto_window,
                                     auto_margin=args.kd_auto_margin)
@@ -65,7 +66,8 @@ class SaltConfig:
             selection = KDDataSelection(mode=args.kd_data_selection, fraction=args.kd_select_fraction,
                                         skip_fraction=args.kd_select_skip_fraction, select_by=args.kd_select_by,
                                         scored_data_path=args.kd_scored_data_path and tuple(args.kd_scored_data_path))
-        return cls(schedule=schedule, teacher_load=args.teacher_load, temperature=args.kd_temperature,
+        return cls(schedule=schedule, teacher_load=args.teacher_load, teacher_cache=args.teacher_cache,
+                   temperature=args.kd_temperature,
                    scale_kd_by_temperature_squared=not args.kd_no_temperature_squared, kernel_impl=args.kd_impl,
                    data_selection=selection, token_weighting=args.kd_token_weighting, token_topk=args.kd_token_topk)
 

@@ -1,26 +1,28 @@
-"""--kd-token-weighting: the teacher's top-1 / top-k / probability of the true token on vocab-parallel logits (TP = 1
-and 2, padding excluded) against the gathered float64 answer; factors of mean 1; uniform factors give plain SALT
-(value and gradient, every kernel set); a run trains with it."""
+"""--kd-token-weighting: the teacher's top-1 / top-k / probability of the true token, measured inside the KD loss
+(TP = 1 and 2, padding and masked rows excluded, τ = 1 and 2, every kernel set) against the gathered float64
+answer, in exactly the KD loss's two collectives; factors of mean 1; the weighted loss against its formula; factors
+that come out uniform give plain SALT (value and gradient, the one-pass CE+KD included); a run trains with it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from salt_megatron.kd import salt_loss
-from salt_megatron.kd.token_weights import kd_token_weights, teacher_correctness
+from salt_megatron.kd import salt_loss, vocab_parallel_kl_div
+from salt_megatron.kd.token_weights import TokenCorrectness, normalised_weights
 from tests.conftest import STUDENT, pretrain
 from tests.dist_utils import run_workers
-from tests.kd_cases import make_logits
+from tests.kd_cases import fused_kernels_on, make_logits
 
 SHAPE, VOCAB = (3, 5, 24), 21  # the last 3 columns are padding
+MODES = [("teacher_top1", 1), ("teacher_topk", 4), ("teacher_prob", 1)]
 
 
-def _reference(teacher, labels, mode, k, vocab):
+def _reference(teacher, labels, mode, k, vocab, tau=1.0):
     t = teacher[..., :vocab].double()
     label_logit = t.gather(-1, labels[..., None]).squeeze(-1)
     if mode == "teacher_prob":
-        return torch.softmax(t, -1).gather(-1, labels[..., None]).squeeze(-1)
+        return torch.softmax(t / tau, -1).gather(-1, labels[..., None]).squeeze(-1)
     above = (t > label_logit[..., None]).sum(-1)
     return (above < (1 if mode == "teacher_top1" else k)).double()
 
@@ -30,56 +32,90 @@ def _inputs():
     teacher[..., VOCAB:] = 50.0  # padding columns that would win every arg-max if they counted
     labels = torch.randint(0, VOCAB, SHAPE[:-1], generator=torch.Generator().manual_seed(4))
     labels[0, :3] = teacher[0, :3, :VOCAB].argmax(-1)  # some tokens the teacher gets right
-    return teacher, labels
+    mask = torch.ones(SHAPE[:-1], dtype=torch.bool)
+    mask[1, 1:3] = False
+    return make_logits(SHAPE, 5), teacher, labels, mask
 
 
-def _tp_worker(rank, world_size, teacher, labels, mode, k):
+def _measure(student, teacher, labels, mask, mode, k, tau, impl, tp_group=None):
+    _, answer = vocab_parallel_kl_div(student, teacher, temperature=tau, vocab_size=VOCAB, tp_group=tp_group,
+                                      loss_mask=mask, impl=impl, correctness=TokenCorrectness(mode, labels, k))
+    return answer
+
+
+def _tp_worker(rank, world_size, student, teacher, labels, mask, mode, k, tau):
     torch.distributed.init_process_group("gloo")
-    w = teacher.shape[-1] // world_size
-    return teacher_correctness(teacher[..., rank * w:(rank + 1) * w], labels, mode, k=k, vocab_size=VOCAB,
-                               tp_group=torch.distributed.group.WORLD)
+    collectives = []
+    real_all_reduce = torch.distributed.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        collectives.append(tuple(tensor.shape))
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    torch.distributed.all_reduce = counting_all_reduce
+    try:
+        w = teacher.shape[-1] // world_size
+        cols = slice(rank * w, (rank + 1) * w)
+        answer = _measure(student[..., cols], teacher[..., cols], labels, mask, mode, k, tau, "torch",
+                          torch.distributed.group.WORLD)
+    finally:
+        torch.distributed.all_reduce = real_all_reduce
+    return answer, collectives
 
 
-@pytest.mark.parametrize("mode, k", [("teacher_top1", 1), ("teacher_topk", 4), ("teacher_prob", 1)])
-def test_teacher_correctness_matches_the_gathered_answer(mode, k):
-    teacher, labels = _inputs()
-    want = _reference(teacher, labels, mode, k, VOCAB)
-    assert want.sum() > 0 and (mode == "teacher_prob" or want.sum() < want.numel())
-    got = teacher_correctness(teacher, labels, mode, k=k, vocab_size=VOCAB)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    for shard in run_workers(_tp_worker, 2, teacher, labels, mode, k):
-        torch.testing.assert_close(shard.double(), want, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("mode, k", MODES)
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_correctness_matches_the_gathered_answer_in_the_kd_losss_two_collectives(mode, k, tau):
+    student, teacher, labels, mask = _inputs()
+    want = _reference(teacher, labels, mode, k, VOCAB, tau) * mask
+    assert want.sum() > 0 and (mode == "teacher_prob" or want.sum() < mask.sum())
+    for impl in ("torch", "fused"):
+        if impl == "fused":
+            fused_kernels_on("cpu")
+        for dtype in (torch.float64, torch.float32):
+            got = _measure(student.to(dtype), teacher.to(dtype), labels, mask, mode, k, tau, impl)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for answer, collectives in run_workers(_tp_worker, 2, student, teacher, labels, mask, mode, k, tau):
+        torch.testing.assert_close(answer.double(), want, rtol=1e-5, atol=1e-6)
+        kept = int(mask.sum())
+        # the KD loss's own MAX and SUM, each one column wider: nothing else crossed the group
+        assert collectives == [(kept, 3), (kept, 4 if mode == "teacher_topk" else 3)]
 
 
 def test_the_factors_have_mean_one_over_the_kept_tokens():
-    teacher, labels = _inputs()
-    mask = torch.ones(labels.shape)
-    mask[2] = 0
-    w = kd_token_weights(teacher, labels, "teacher_topk", loss_mask=mask, k=4, vocab_size=VOCAB)
+    _, teacher, labels, mask = _inputs()
+    g = _reference(teacher, labels, "teacher_topk", 4, VOCAB).float()
+    w = normalised_weights(g, mask)
     assert float((w * mask).sum() / mask.sum()) == pytest.approx(1.0)
-    never = torch.full_like(labels, 0)
-    flat = teacher.clone()
-    flat[..., 0] = -1e4  # the teacher never ranks token 0 first
-    assert torch.equal(kd_token_weights(flat, never, "teacher_top1", loss_mask=mask, vocab_size=VOCAB),
-                       torch.ones(labels.shape))
+    assert torch.equal(normalised_weights(torch.zeros(labels.shape), mask), torch.ones(labels.shape))
+
+
+def _salt(student, teacher, labels, mask, tau, vocab, impl, **kwargs):
+    x = student.clone().requires_grad_(True)
+    r = salt_loss(x, labels, teacher, kd_weight=0.4, temperature=tau, loss_mask=mask, vocab_size=vocab, impl=impl,
+                  **kwargs)
+    r.loss.backward()
+    return r, x.grad
 
 
 @pytest.mark.parametrize("impl", ["torch", "fused"])
 @pytest.mark.parametrize("tau, vocab", [(1.0, None), (1.0, VOCAB), (2.0, VOCAB)])  # None, τ = 1: the one-pass CE+KD
-def test_uniform_factors_are_plain_salt(impl, tau, vocab):
-    student, teacher = make_logits(SHAPE, 5), make_logits(SHAPE, 6)
-    labels = torch.randint(0, VOCAB, SHAPE[:-1], generator=torch.Generator().manual_seed(7))
-    mask = torch.ones(labels.shape)
-    mask[1, 2] = 0
-    out = {}
-    for name, weights in (("plain", None), ("uniform", torch.ones(labels.shape))):
-        x = student.clone().requires_grad_(True)
-        r = salt_loss(x, labels, teacher, kd_weight=0.4, temperature=tau, loss_mask=mask, vocab_size=vocab,
-                      impl=impl, kd_token_weights=weights)
-        r.loss.backward()
-        out[name] = (r.loss.detach(), r.kd, x.grad)
-    for a, b in zip(out["plain"], out["uniform"]):
+def test_the_weighted_loss_follows_its_formula_and_uniform_factors_are_plain_salt(impl, tau, vocab):
+    student, teacher, labels, mask = _inputs()
+    mask = mask.float()
+    plain, plain_grad = _salt(student, teacher, labels, mask, tau, vocab, impl)
+    # top-k with k = the whole vocabulary: the teacher is always "right", so the factors are all 1
+    uniform, uniform_grad = _salt(student, teacher, labels, mask, tau, vocab, impl,
+                                  kd_token_weighting="teacher_topk", kd_token_topk=SHAPE[-1])
+    for a, b in ((plain.loss, uniform.loss), (plain.kd, uniform.kd), (plain_grad, uniform_grad)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    weighted, _ = _salt(student, teacher, labels, mask, tau, vocab, impl, kd_token_weighting="teacher_prob")
+    ce = torch.nn.functional.cross_entropy(student.reshape(-1, SHAPE[-1]), labels.reshape(-1), reduction="none")
+    kd = vocab_parallel_kl_div(student, teacher, temperature=tau, vocab_size=vocab, impl="torch").reshape(-1)
+    omega = 0.4 * normalised_weights(_reference(teacher, labels, "teacher_prob", 1, vocab or SHAPE[-1], tau), mask)
+    per_token = (1 - omega).clamp(min=0).reshape(-1) * ce + tau**2 * omega.reshape(-1) * kd
+    torch.testing.assert_close(weighted.loss.double(), (per_token * mask.reshape(-1)).sum() / mask.sum(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_a_run_trains_with_token_weighting(corpus, teacher_dir):

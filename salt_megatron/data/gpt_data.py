@@ -137,11 +137,13 @@ def windows_hash(dataset, num_samples: int) -> str:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack GPTDataset items into a batch: tokens/labels/position_ids int64 [b, s], loss_mask float32 [b, s]."""
+    """Stack GPTDataset items into a batch: tokens/labels/position_ids int64 [b, s], loss_mask float32 [b, s] (and
+    the attention mask and a cached teacher's ``teacher_*`` arrays where the items have them)."""
     dtypes = {"tokens": torch.int64, "labels": torch.int64, "position_ids": torch.int64, "loss_mask": torch.float32}
     batch = {key: torch.stack([s[key] for s in samples]).to(dtype) for key, dtype in dtypes.items()}
-    if "attention_mask" in samples[0]:
-        batch["attention_mask"] = torch.stack([s["attention_mask"] for s in samples])
+    for key in samples[0]:
+        if key == "attention_mask" or key.startswith("teacher_"):  # and a cached teacher's top-K (teacher_cache)
+            batch[key] = torch.stack([s[key] for s in samples])
     return batch
 
 

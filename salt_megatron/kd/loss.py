@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from salt_megatron.kd.checks import check_kd_weight, check_logits, check_temperature, compute_dtype
 from salt_megatron.kd.select import select_kernels
+from salt_megatron.kd.sparse_kl import sparse_kd_and_cross_entropy
+from salt_megatron.kd.token_weights import TokenCorrectness, normalised_weights
 from salt_megatron.kd.vocab_parallel import combine_across_shards, vocab_parallel_kl_div
 
 
@@ -22,17 +24,20 @@ class _KLAndCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, kernels):
+    def forward(ctx, student, teacher, labels, kernels, correctness):
         stats = kernels.row_stats(student, teacher, 1.0)
-        kl, row_stats = combine_across_shards(stats, 1.0, None)
+        probe = None if correctness is None else correctness.on_shard(teacher, 0, None)
+        kl, row_stats, answer = combine_across_shards(stats, 1.0, None, probe)
         label_logit = student.gather(1, labels[:, None]).squeeze(1).to(kl.dtype)
         ce = row_stats[0] + row_stats[1] - label_logit
         ctx.save_for_backward(student, teacher, labels, *row_stats)
         ctx.kernels = kernels
-        return kl, ce
+        answer = kl.new_empty(0) if answer is None else answer
+        ctx.mark_non_differentiable(answer)
+        return kl, ce, answer
 
     @staticmethod
-    def backward(ctx, grad_kl, grad_ce):
+    def backward(ctx, grad_kl, grad_ce, _grad_correctness):
         student, teacher, labels, *row_stats = ctx.saved_tensors
         compute = compute_dtype(student)
         g_kl, g_ce = grad_kl.to(compute), grad_ce.to(compute)
@@ -41,7 +46,7 @@ class _KLAndCrossEntropy(torch.autograd.Function):
             ctx.kernels.student_grad(student, teacher, *row_stats, g_kl + g_ce, 1.0, grad, teacher_grad_rows=g_kl)
             rows = torch.arange(student.shape[0], device=student.device)
             grad[rows, labels] -= g_ce.to(grad.dtype)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 @dataclasses.dataclass
@@ -67,7 +72,8 @@ def salt_loss(
     scale_kd_by_temperature_squared: bool = True,
     impl: str = "auto",
     fuse_ce_with_kd: bool = True,
-    kd_token_weights: torch.Tensor | None = None,
+    kd_token_weighting: str = "none",
+    kd_token_topk: int = 10,
 ) -> SaltLoss:
     """``(1-ω)·CE(student, labels) + ω·τ²·KD(teacher → student)``, averaged over the tokens the mask keeps.
 
@@ -77,9 +83,10 @@ def salt_loss(
     (Hinton et al.) keeps the KD gradient's scale independent of τ; turn it off with
     ``scale_kd_by_temperature_squared=False``.  ``fuse_ce_with_kd``: where it can (τ = 1, one unpadded vocabulary
     shard, kernels with split gradient weights), take CE from the KD pass instead of a softmax of its own (the same
-    numbers, one pass fewer); ``False`` always computes the two apart.  ``kd_token_weights`` (``labels.shape``,
-    mean 1 over the kept tokens; ``salt_megatron.kd.token_weights``): ω per token is ω·w, the loss per token
-    max(0, 1-ω·w)·CE + ω·w·[τ²]·KD.
+    numbers, one pass fewer); ``False`` always computes the two apart.  ``kd_token_weighting``
+    (``salt_megatron.kd.token_weights``; ``kd_token_topk`` is teacher_topk's k): ω per token is ω·w, w how right
+    the teacher is about the token, normalised to mean 1 over the kept tokens, measured in the KD loss's own pass
+    and collectives; the loss per token is max(0, 1-ω·w)·CE + ω·w·[τ²]·KD.
     """
     check_kd_weight(kd_weight)
     check_temperature(temperature)
@@ -93,21 +100,24 @@ def salt_loss(
     mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
     if mask.shape != labels.shape:
         raise ValueError(f"loss_mask must have shape {tuple(labels.shape)}, got {tuple(mask.shape)}")
-    num_tokens = mask.sum()
-    denom = num_tokens.clamp(min=1.0)
 
     sharded = tp_group is not None and torch.distributed.get_world_size(group=tp_group) > 1
     width = student_logits.shape[-1]
     kernels = select_kernels(impl, student_logits.device) if kd_weight > 0 else None
+    correctness = None
+    if kd_weight > 0 and kd_token_weighting != "none":
+        correctness = TokenCorrectness(kd_token_weighting, labels.reshape(-1), kd_token_topk)
+    token_correctness = None
     if kd_weight > 0 and fuse_ce_with_kd and temperature == 1.0 and not sharded and \
             (vocab_size is None or vocab_size == width) and kernels.supports_split_grad:
         # one vocabulary, no padding, τ = 1: KD and CE from the same pass (see _KLAndCrossEntropy)
         check_logits(student_logits, teacher_logits)
-        kd_tokens, ce_tokens = _KLAndCrossEntropy.apply(
+        kd_tokens, ce_tokens, token_correctness = _KLAndCrossEntropy.apply(
             student_logits.reshape(-1, width), teacher_logits.detach().reshape(-1, width), labels.reshape(-1),
-            kernels,
+            kernels, correctness,
         )
         kd_tokens, ce_tokens = kd_tokens.view(labels.shape), ce_tokens.view(labels.shape)
+        token_correctness = None if correctness is None else token_correctness
     else:
         # megatron's vocab-parallel CE (TP > 1) overwrites its input in place: it gets a copy when the KD term
         # needs the logits too.  Without TP, torch's CE leaves its input alone and no copy is made.
@@ -118,25 +128,47 @@ def salt_loss(
             kd_tokens = vocab_parallel_kl_div(
                 student_logits, teacher_logits, temperature=temperature, vocab_size=vocab_size,
                 tp_group=tp_group, loss_mask=None if loss_mask is None else loss_mask != 0, impl=impl,
+                correctness=None if correctness is None else dataclasses.replace(correctness, labels=labels),
             )
-    ce = (ce_tokens.float() * mask).sum() / denom
+            if correctness is not None:
+                kd_tokens, token_correctness = kd_tokens
     factor = temperature**2 if scale_kd_by_temperature_squared else 1.0
-    kd = None
-    if kd_weight > 0 and kd_token_weights is not None:
-        if kd_token_weights.shape != labels.shape:
-            raise ValueError(f"kd_token_weights must have shape {tuple(labels.shape)}, got "
-                             f"{tuple(kd_token_weights.shape)}")
-        omega = kd_weight * kd_token_weights.detach().float()
-        kd = (kd_tokens.float() * mask).sum() / denom
+    omega = None if token_correctness is None else \
+        kd_weight * normalised_weights(token_correctness.view(labels.shape), mask)
+    return _combined(ce_tokens, kd_tokens, mask, kd_weight, factor, omega)
+
+
+def _combined(ce_tokens, kd_tokens, mask, kd_weight: float, factor: float, omega=None) -> SaltLoss:
+    """(1-ω)·CE + ω·factor·KD as masked token means (``omega``: ω per token, for token weighting)."""
+    num_tokens = mask.sum()
+    denom = num_tokens.clamp(min=1.0)
+    ce = (ce_tokens.float() * mask).sum() / denom
+    kd = None if kd_tokens is None else (kd_tokens.float() * mask).sum() / denom
+    if omega is not None:
         loss = (((1.0 - omega).clamp(min=0.0) * ce_tokens.float() + factor * omega * kd_tokens.float()) * mask
                 ).sum() / denom
-        return SaltLoss(loss=loss, ce=ce.detach(), kd=kd.detach(), num_tokens=num_tokens)
-    loss = (1.0 - kd_weight) * ce if kd_weight < 1 else ce.detach() * 0.0
-    if kd_weight > 0:
-        kd = (kd_tokens.float() * mask).sum() / denom
-        loss = loss + kd_weight * factor * kd
-        kd = kd.detach()
-    return SaltLoss(loss=loss, ce=ce.detach(), kd=kd, num_tokens=num_tokens)
+    else:
+        loss = (1.0 - kd_weight) * ce if kd_weight < 1 else ce.detach() * 0.0
+        if kd_weight > 0:
+            loss = loss + kd_weight * factor * kd
+    return SaltLoss(loss=loss, ce=ce.detach(), kd=None if kd is None else kd.detach(), num_tokens=num_tokens)
+
+
+def cached_salt_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_topk: dict, *, kd_weight: float,
+                     temperature: float = 1.0, loss_mask: torch.Tensor | None = None, vocab_size: int | None = None,
+                     tp_group=None, scale_kd_by_temperature_squared: bool = True) -> SaltLoss:
+    """The SALT loss against a cached teacher (``salt-megatron cache-teacher``): KD over the teacher's top K plus one
+    bucket for the rest of its mass, and CE, from one pass over the student's logits (``kd.sparse_kl``).
+    ``teacher_topk``: ``teacher_ids`` / ``teacher_logprobs`` (``labels.shape + (K,)``) and ``teacher_rest``."""
+    check_kd_weight(kd_weight)
+    mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+    kd_tokens, ce_tokens = sparse_kd_and_cross_entropy(
+        student_logits, labels, teacher_topk["teacher_ids"], teacher_topk["teacher_logprobs"],
+        teacher_topk["teacher_rest"], temperature=temperature, vocab_size=vocab_size, tp_group=tp_group,
+        loss_mask=None if loss_mask is None else loss_mask != 0,
+    )
+    factor = temperature**2 if scale_kd_by_temperature_squared else 1.0
+    return _combined(ce_tokens, kd_tokens if kd_weight > 0 else None, mask, kd_weight, factor)
 
 
 def masked_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,

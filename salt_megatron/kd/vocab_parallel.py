@@ -20,10 +20,13 @@ Saved for backward: the inputs and four floats per row (global maxima and log-su
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from salt_megatron.kd.checks import check_logits, check_temperature, compute_dtype
 from salt_megatron.kd.select import select_kernels
+from salt_megatron.kd.token_weights import TokenCorrectness
 
 
 def tp_rank_and_size(tp_group) -> tuple[int, int]:
@@ -45,20 +48,28 @@ def valid_columns(shard_width: int, vocab_size: int | None, tp_rank: int, tp_siz
     return max(0, min(shard_width, vocab_size - tp_rank * shard_width))
 
 
-def combine_across_shards(stats: torch.Tensor, temperature: float, tp_group):
+def combine_across_shards(stats: torch.Tensor, temperature: float, tp_group, probe=None):
     """Exactly two collectives (MAX of maxima, SUM of rescaled sums).
 
-    Returns ``kl`` and the global row statistics backward needs: ``(max_s, log_sum_s, max_t, log_sum_t)``.
+    Returns ``kl``, the global row statistics backward needs: ``(max_s, log_sum_s, max_t, log_sum_t)``, and the
+    per-row answer of ``probe`` (``salt_megatron.kd.token_weights.ShardProbe``, token weighting; None without one),
+    whose numbers ride in the same two collectives.
     Only basic slicing here: indexing with a Python tuple copies the index to the GPU from pageable memory, which
     synchronises the stream and left the GPU idle while the few small ops below were launched (seen on an H100).
     """
     if tp_group is None:  # one shard: the local maxima are global, nothing to rescale (the same numbers, 5 ops)
         max_s, sum_s, max_t, sum_t, partial = stats.unbind(1)
         log_sum_s, log_sum_t = torch.log(sum_s), torch.log(sum_t)
-        return partial / sum_t - log_sum_t + log_sum_s, (max_s, log_sum_s, max_t, log_sum_t)
-    local_max = stats[:, 0:3:2].contiguous()
-    global_max = local_max.clone()
-    torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+        answer = None
+        if probe is not None:
+            label = probe.local_label_logit(stats.dtype)
+            answer = probe.finish(label, probe.local_count_above(label), max_t, log_sum_t, temperature)
+        return partial / sum_t - log_sum_t + log_sum_s, (max_s, log_sum_s, max_t, log_sum_t), answer
+    local_max = stats[:, 0:3:2]
+    maxima = (local_max.contiguous() if probe is None
+              else torch.cat((local_max, probe.local_label_logit(stats.dtype)[:, None]), dim=1))
+    torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+    global_max = maxima[:, 0:2]
     # shift = (local max - global max)/τ <= 0.  exp(shift) rescales this shard's sums; a shard of padding only
     # (max -inf) contributes nothing.
     present = torch.isfinite(local_max)
@@ -66,19 +77,25 @@ def combine_across_shards(stats: torch.Tensor, temperature: float, tp_group):
     scale = torch.where(present, shift.exp(), torch.zeros_like(local_max))
     # the partial KL was taken relative to the local maxima; moving it to the global ones adds S_t·(Δt - Δs)
     partial = stats[:, 4] + stats[:, 3] * (shift[:, 1] - shift[:, 0])
-    sums = torch.stack((stats[:, 1] * scale[:, 0], stats[:, 3] * scale[:, 1], partial * scale[:, 1]), dim=1)
+    columns = [stats[:, 1] * scale[:, 0], stats[:, 3] * scale[:, 1], partial * scale[:, 1]]
+    count = None if probe is None else probe.local_count_above(maxima[:, 2])
+    sums = torch.stack(columns if count is None else [*columns, count], dim=1)
     torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=tp_group)
     max_s, max_t = global_max[:, 0], global_max[:, 1]
     log_sum_s, log_sum_t = torch.log(sums[:, 0]), torch.log(sums[:, 1])
     # KL = Σ p·((t - max_t) - (s - max_s))/τ - log_sum_t + log_sum_s
     kl = sums[:, 2] / sums[:, 1] - log_sum_t + log_sum_s
-    return kl, (max_s, log_sum_s, max_t, log_sum_t)
+    answer = None
+    if probe is not None:
+        answer = probe.finish(maxima[:, 2], None if count is None else sums[:, 3], max_t, log_sum_t, temperature)
+    return kl, (max_s, log_sum_s, max_t, log_sum_t), answer
 
 
 class _VocabParallelKLDiv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, row_index, temperature, valid_columns, tp_group, kernels):
-        # student/teacher: [N, W]; row_index: the rows that count (None = all).  Output: fp32 [N].
+    def forward(ctx, student, teacher, row_index, temperature, valid_columns, tp_group, kernels, correctness):
+        # student/teacher: [N, W]; row_index: the rows that count (None = all); correctness: token weighting's
+        # TokenCorrectness or None.  Outputs: fp32 [N] KL, and [N] correctness (empty without one, no gradient).
         n = student.shape[0]
         s_rows = student[:, :valid_columns]
         t_rows = teacher[:, :valid_columns]
@@ -93,19 +110,29 @@ class _VocabParallelKLDiv(torch.autograd.Function):
         num_rows = n if row_index is None else row_index.numel()
         out_dtype = compute_dtype(student)
         kl_rows = torch.zeros(num_rows, dtype=out_dtype, device=student.device)
-        row_stats = (kl_rows,) * 4
+        row_stats, answer = (kl_rows,) * 4, kl_rows
         if num_rows > 0:  # every TP rank sees the same rows, so skipping the collectives is consistent
             stats = kernels.row_stats(s_rows, t_rows, temperature, **by_index)
-            kl_rows, row_stats = combine_across_shards(stats, temperature, tp_group)
+            probe = None
+            if correctness is not None:
+                kept_teacher = t_rows.index_select(0, row_index) if by_index else t_rows
+                probe = correctness.on_shard(kept_teacher, tp_rank_and_size(tp_group)[0] * student.shape[1],
+                                             row_index)
+            kl_rows, row_stats, answer = combine_across_shards(stats, temperature, tp_group, probe)
         ctx.save_for_backward(student, teacher, row_index, *row_stats)
         ctx.temperature, ctx.valid_columns, ctx.kernels = temperature, valid_columns, kernels
+        if correctness is None:
+            answer = kl_rows.new_empty(0)
+        elif row_index is not None:
+            answer = torch.zeros(n, dtype=out_dtype, device=student.device).index_copy_(0, row_index, answer)
+        ctx.mark_non_differentiable(answer)
         if row_index is None:
-            return kl_rows
+            return kl_rows, answer
         kl = torch.zeros(n, dtype=out_dtype, device=student.device)
-        return kl.index_copy_(0, row_index, kl_rows)
+        return kl.index_copy_(0, row_index, kl_rows), answer
 
     @staticmethod
-    def backward(ctx, grad_kl):
+    def backward(ctx, grad_kl, _grad_correctness):
         student, teacher, row_index, *row_stats = ctx.saved_tensors
         w = ctx.valid_columns
         grad_rows = grad_kl.to(compute_dtype(student))
@@ -132,7 +159,7 @@ class _VocabParallelKLDiv(torch.autograd.Function):
                     *row_stats, grad_rows.index_select(0, row_index), ctx.temperature, part,
                 )
                 grad[:, :w].index_copy_(0, row_index, part)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def vocab_parallel_kl_div(
@@ -144,7 +171,8 @@ def vocab_parallel_kl_div(
     tp_group=None,
     loss_mask: torch.Tensor | None = None,
     impl: str = "auto",
-) -> torch.Tensor:
+    correctness: TokenCorrectness | None = None,
+):
     """Per-token KL(softmax(teacher/τ) ‖ softmax(student/τ)) over the whole vocabulary, in nats.
 
     Args:
@@ -158,10 +186,13 @@ def vocab_parallel_kl_div(
         loss_mask: optional, shape ``logits.shape[:-1]``; rows where it is 0 are skipped (their KL and gradient
             are 0 and they cost nothing).
         impl: ``"auto"`` (the fused kernel when built for this device, else PyTorch), ``"torch"`` or ``"fused"``.
+        correctness: token weighting (``salt_megatron.kd.token_weights.TokenCorrectness``, labels flattened): also
+            measure how right the teacher is about each row's true token, in the same two collectives.
 
     Returns:
         float32 (float64 for fp64 inputs) tensor of shape ``logits.shape[:-1]``, identical on every TP rank.
         Gradient flows to the student only: ``(softmax(s/τ) - softmax(t/τ)) / τ`` times the upstream gradient.
+        With ``correctness``: the pair ``(kl, correctness per token)``, both of that shape (0 where masked).
     """
     check_logits(student_logits, teacher_logits)
     check_temperature(temperature)
@@ -181,5 +212,13 @@ def vocab_parallel_kl_div(
         flat_mask = loss_mask.reshape(-1)
         if not bool(flat_mask.all()):
             row_index = flat_mask.nonzero().squeeze(-1)
-    kl = _VocabParallelKLDiv.apply(student, teacher, row_index, float(temperature), valid, tp_group, kernels)
-    return kl.view(lead_shape)
+    if correctness is not None:
+        if correctness.labels.shape != lead_shape:
+            raise ValueError(f"the token weighting's labels must have shape {tuple(lead_shape)}, got "
+                             f"{tuple(correctness.labels.shape)}")
+        correctness = dataclasses.replace(correctness, labels=correctness.labels.reshape(-1))
+    kl, answer = _VocabParallelKLDiv.apply(student, teacher, row_index, float(temperature), valid, tp_group, kernels,
+                                           correctness)
+    if correctness is None:
+        return kl.view(lead_shape)
+    return kl.view(lead_shape), answer.view(lead_shape)

@@ -13,16 +13,12 @@ import os
 import yaml
 
 from salt_megatron.data.blend import extra_valid_errors
-from salt_megatron.data.scores import SCORE_NAMES
 from salt_megatron.data.tokenizer_types import TOKENIZER_TYPES
-from salt_megatron.data.selection import MODES as SELECTION_MODES
 from salt_megatron.distributed import data_parallel_size
 from salt_megatron.kd.checks import check_kd_weight, check_temperature
-from salt_megatron.kd.select import IMPLS as KD_IMPLS
-from salt_megatron.kd.token_weights import TOKEN_WEIGHTINGS
-from salt_megatron.schedule import TRANSITIONS
 from salt_megatron.training.guards import add_exit_args
 from salt_megatron.training.metrics import LOG_FORMATS
+from salt_megatron.training.salt_arguments import _Renamed, add_salt_args
 from salt_megatron.errors import ArgumentParser, UsageError, one_line, require_modules
 
 
@@ -148,55 +144,6 @@ def add_deepspeed_args(p: argparse.ArgumentParser) -> None:
                    help="DeepSpeed JSON (ZeRO stage, precision, batch sizes); DeepSpeed's own spelling works too")
 
 
-def add_salt_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("SALT (knowledge distillation from a small teacher)")
-    g.add_argument("--teacher-load", default=None,
-                   help="checkpoint dir of the trained small LM (salt_megatron's, import-hf's, or Megatron-LM's "
-                        "torch_dist); enables SALT")
-    g.add_argument("--teacher-model-config", default=None, metavar="YAML",
-                   help="a Megatron-LM teacher's architecture (Megatron-LM flag names) instead of its saved args")
-    g.add_argument("--teacher-tokenizer-model", default=None,
-                   help="a Megatron-LM teacher's tokenizer, when the path in its args is not on this machine")
-    g.add_argument("--kd-steps", type=int, default=None, help="n_KD: steps with distillation (= train iters: RKD)")
-    g.add_argument("--kd-weight", type=float, default=0.5, help="ω: weight of the KD term during the KD phase")
-    g.add_argument("--kd-temperature", type=float, default=1.0, help="τ for the teacher's soft labels")
-    g.add_argument("--kd-transition", choices=TRANSITIONS, default="step")
-    g.add_argument("--kd-decay-steps", type=int, default=None, help="length of a linear/cosine ramp (default: n_KD)")
-    g.add_argument("--kd-auto-window", type=int, default=20,
-                   help="auto: KD steps over which student CE - teacher CE on the KD batches is averaged")
-    g.add_argument("--kd-auto-margin", type=float, default=0.0,
-                   help="auto: KD ends once that average is at most this many nats (--kd-steps stays the latest end)")
-    g.add_argument("--kd-token-weighting", choices=TOKEN_WEIGHTINGS, default="none",
-                   help="ω per token, scaled by whether the teacher's top-1 / top-k holds the true token or by its "
-                        "probability of it (mean ω unchanged)")
-    g.add_argument("--kd-token-topk", type=int, default=10, help="k of teacher_topk")
-    g.add_argument("--kd-no-temperature-squared", action="store_true", help="do not scale KD by τ²")
-    g.add_argument("--kd-impl", choices=KD_IMPLS, default="auto", help="KD loss kernels")
-    g = p.add_argument_group("SALT_DS (data selection for the KD phase, from `salt-megatron score`)")
-    g.add_argument("--kd-data-selection", choices=SELECTION_MODES, default="none",
-                   help="top: the best-scored fraction; band: skip the very top, keep the next fraction")
-    g.add_argument("--kd-select-fraction", type=float, default=0.2, help="share of the scored windows to keep")
-    g.add_argument("--kd-select-skip-fraction", type=float, default=0.02, help="band: share of the top to skip")
-    g.add_argument("--kd-select-by", choices=SCORE_NAMES, default="salt",
-                   help="which score of the sidecar ranks the windows (salt: the paper's)")
-    g.add_argument("--kd-scored-data-path", nargs="+", default=None, metavar="[WEIGHT] PREFIX",
-                   help="the scored dataset or blend (default: the training data); each prefix's sidecar is "
-                        "PREFIX.salt_scores.*")
-    for old, new in (("--kd-score", "--kd-select-by"), ("--kd-scores", "--kd-scored-data-path")):
-        g.add_argument(old, action=_Renamed, new_name=new, help=argparse.SUPPRESS)
-
-
-class _Renamed(argparse.Action):
-    """A flag that was renamed: one line naming the new spelling (the two old ones differed by one letter)."""
-
-    def __init__(self, option_strings, dest, new_name, **kwargs):
-        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS, **kwargs)
-        self.new_name = new_name
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} was renamed {self.new_name}")
-
-
 def build_pretrain_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="salt-megatron pretrain",
@@ -286,9 +233,12 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
         errors.append(f"--min-lr ({args.min_lr}) is larger than --lr ({args.lr})")
     if not (args.data_path or args.train_data_path or args.data_args_path or args.per_split_data_args_path):
         errors.append("give --data-path (or --train-data-path)")
-    if args.teacher_load is not None:
+    teacher_flag = "--teacher-cache" if args.teacher_cache is not None else "--teacher-load"
+    if args.teacher_cache is not None:
+        errors.extend(_teacher_cache_errors(args))
+    if args.teacher_load is not None or args.teacher_cache is not None:
         if args.kd_steps is None:
-            errors.append("--teacher-load needs --kd-steps (n_KD; the paper uses ~17% of --train-iters)")
+            errors.append(f"{teacher_flag} needs --kd-steps (n_KD; the paper uses ~17% of --train-iters)")
         elif args.kd_steps > args.train_iters:
             errors.append(f"--kd-steps ({args.kd_steps}) exceeds --train-iters ({args.train_iters})")
         elif args.kd_steps < 0:
@@ -315,10 +265,11 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
         if args.kd_token_topk < 1:
             errors.append("--kd-token-topk must be >= 1")
     elif args.kd_steps:
-        errors.append("--kd-steps given without --teacher-load")
+        errors.append("--kd-steps given without --teacher-load (or --teacher-cache)")
     if args.kd_data_selection != "none":
-        if args.teacher_load is None:
-            errors.append("--kd-data-selection needs --teacher-load (it selects the KD phase's data)")
+        if args.teacher_load is None and args.teacher_cache is None:
+            errors.append("--kd-data-selection needs --teacher-load or --teacher-cache (it selects the KD phase's "
+                          "data)")
         if not 0.0 < args.kd_select_fraction <= 1.0:
             errors.append(f"--kd-select-fraction must be in (0, 1], got {args.kd_select_fraction}")
         skip = args.kd_select_skip_fraction if args.kd_data_selection == "band" else 0.0
@@ -340,6 +291,19 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
     if errors:
         raise UsageError("; ".join(errors))
     return args
+
+
+def _teacher_cache_errors(args) -> list[str]:
+    """--teacher-cache replaces the teacher: what needs the teacher's full logits cannot come with it."""
+    errors = []
+    if args.teacher_load is not None:
+        errors.append("--teacher-cache and --teacher-load: give one (the cache replaces the teacher)")
+    if args.kd_transition == "auto":
+        errors.append("--kd-transition auto compares with the teacher's CE on the true tokens, which a top-K cache "
+                      "does not hold: use --teacher-load")
+    if args.kd_token_weighting != "none":
+        errors.append("--kd-token-weighting reads the teacher's full logits: use --teacher-load")
+    return errors
 
 
 def params_dtype(args):

@@ -32,7 +32,7 @@ GROUPS = {  # group -> (the override flag's dest, the record's keys)
                                                      "lr_decay_style", "weight_decay")),
 }
 # how a record key is named to the user: the flag that sets it
-FLAG = {"teacher_fingerprint": "--teacher-load (the teacher's weights)", "train_data": "the training data",
+FLAG = {"teacher_fingerprint": "--teacher-load / --teacher-cache (the teacher's weights)", "train_data": "the training data",
         "valid_data": "the validation data", "score_sidecar": "the score sidecar (--kd-scored-data-path)"}
 
 
@@ -43,8 +43,8 @@ def _flag(key: str) -> str:
 def run_record(args, *, arch, tokenizer_hash: str, sources, teacher_fingerprint: list | None,
                sidecar_hash: str | None) -> dict:
     """What this run is, in the terms a resume is checked against (stored as ``run_record`` in each checkpoint)."""
-    salt = {k: getattr(args, k) for k in GROUPS["SALT schedule"][1][1:]} if args.teacher_load else \
-        {k: None for k in GROUPS["SALT schedule"][1][1:]}
+    keys = GROUPS["SALT schedule"][1][1:]
+    salt = {k: getattr(args, k) if args.teacher_load or args.teacher_cache else None for k in keys}
     selecting = args.kd_data_selection != "none"
     return {
         "architecture": {k: getattr(arch, k) for k in ARCHITECTURE},
@@ -70,7 +70,7 @@ def _recorded(meta: dict) -> dict:
     record = {"architecture": meta.get("arch"), "tokenizer_hash": meta.get("tokenizer_hash")}
     for _, keys in GROUPS.values():
         record.update({k: flags[k] for k in keys if k in flags})
-    if not flags.get("teacher_load"):  # as run_record: a baseline has no SALT settings
+    if not (flags.get("teacher_load") or flags.get("teacher_cache")):  # as run_record: a baseline has no SALT settings
         record.update({k: None for k in GROUPS["SALT schedule"][1] if k in record})
     if flags.get("kd_data_selection", "none") == "none":
         record.update({k: None for k in ("kd_select_fraction", "kd_select_skip_fraction") if k in record})

@@ -18,7 +18,7 @@ from salt_megatron import checkpointing
 from salt_megatron.config import BatchConfig, SaltConfig
 from salt_megatron.distributed import initialize_distributed
 from salt_megatron.data import scores
-from salt_megatron.errors import DataError
+from salt_megatron.errors import DataError, UsageError
 from salt_megatron.model import GPTArchitecture, build_gpt_model, pad_vocab_size, whole_model_process_groups
 from salt_megatron.training.arguments import params_dtype
 from salt_megatron.training.backends import DeepSpeedBackend, MegatronBackend, build_lr_scheduler
@@ -41,6 +41,7 @@ class Inputs:
     scored_weights: tuple | None  # SALT_DS: the scored blend's weights (None: by size)
     record: dict  # what this run is, as a checkpoint records it (training.consistency.run_record)
     overrides: list  # changes against the resumed checkpoint that an override flag accepted
+    teacher_cache: object | None = None  # --teacher-cache: salt_megatron.data.teacher_cache.TeacherCache
 
     @property
     def start_step(self) -> int:
@@ -97,7 +98,7 @@ def check_inputs(args, salt: SaltConfig) -> Inputs:
     latest = checkpointing.find_latest_checkpoint(args.load) if args.load else None
     resume_meta = checkpointing.read_meta(latest) if latest else None
     teacher_meta = None
-    if salt.uses_teacher:
+    if salt.teacher_load:
         teacher_meta = check_teacher_checkpoint(salt.teacher_load, tokenizer_hash=tokenizer.hash,
                                                 padded_vocab_size=arch.padded_vocab_size,
                                                 vocab_size=tokenizer.vocab_size,
@@ -106,12 +107,14 @@ def check_inputs(args, salt: SaltConfig) -> Inputs:
     sidecars, scored_weights = None, None
     if salt.data_selection is not None:
         sidecars, scored_weights = _score_sidecars(args, salt, sources, tokenizer.hash)
+    teacher_cache = _open_teacher_cache(args, salt, sources, tokenizer, sidecars) if salt.teacher_cache else None
     for name, prefix in args.extra_valid.items():
         other = _prepared_tokenizer_hash(prefix)
         if other is not None and other != tokenizer.hash:
             raise DataError(f"extra validation set {name} ({prefix}) was tokenized with another tokenizer")
     record = run_record(args, arch=arch, tokenizer_hash=tokenizer.hash, sources=sources,
-                        teacher_fingerprint=teacher_meta and teacher_meta["fingerprint"],
+                        teacher_fingerprint=(teacher_meta or {}).get("fingerprint")
+                        or (teacher_cache and teacher_cache.header["teacher_fingerprint"]),
                         sidecar_hash=sidecars and scores.blend_sidecar_hash(
                             [h for h, _, _ in sidecars.values()], scored_weights))
     overrides = check_resume(resume_meta, record, args) if resume_meta else []
@@ -120,7 +123,22 @@ def check_inputs(args, salt: SaltConfig) -> Inputs:
         checkpointing.check_save_directory(args.save, resuming_from=resume_meta and resume_meta["path"],
                                            steps=checkpointing.steps_to_save(start, args.train_iters,
                                                                              args.save_interval))
-    return Inputs(sources, tokenizer, arch, resume_meta, teacher_meta, sidecars, scored_weights, record, overrides)
+    return Inputs(sources, tokenizer, arch, resume_meta, teacher_meta, sidecars, scored_weights, record, overrides,
+                  teacher_cache)
+
+
+def _open_teacher_cache(args, salt: SaltConfig, sources, tokenizer, sidecars):
+    """--teacher-cache: the cache, checked against the dataset its windows come from (the scored one under SALT_DS),
+    the tokenizer, the sequence length and τ (its windows are checked in build_data, against the KD phase's)."""
+    from salt_megatron.data.teacher_cache import TeacherCache
+
+    prefixes = list(sidecars) if sidecars else sources.train.prefixes
+    if len(prefixes) != 1 or sources.split is not None:
+        raise UsageError("--teacher-cache reads the KD phase from one dataset (no blend, no --split)")
+    cache = TeacherCache(salt.teacher_cache)
+    cache.check_run(prefix=prefixes[0], seq_length=args.seq_length, temperature=salt.temperature,
+                    tokenizer_hash=tokenizer.hash, vocab_size=tokenizer.vocab_size)
+    return cache
 
 
 def _score_sidecars(args, salt: SaltConfig, sources, tokenizer_hash: str):
@@ -190,7 +208,43 @@ def build_data(args, inputs: Inputs, salt: SaltConfig, writer: MetricsWriter) ->
                        f"({selection.mode}, score {selection.select_by}, sidecar {kd.sidecar_hash}"
                        + (f"; {len(parts)} prefixes, weights {', '.join(f'{w:.3g}' for w in kd.weights)})"
                           if len(parts) > 1 else ")"))
+    if inputs.teacher_cache is not None:
+        kd = _with_cached_teacher(args, inputs, salt, train, kd,
+                                  lambda prefix: datasets(prefix, None, args.seed, None)[0], writer)
     return Data(train=train, valid=valid, kd=kd, extra_valid=extra_valid, eval_windows=eval_windows)
+
+
+def _with_cached_teacher(args, inputs: Inputs, salt: SaltConfig, train, selection, one_epoch, writer):
+    """--teacher-cache: the KD phase's samples (the selection's under SALT_DS, else the training data's) with the
+    teacher's cached top-K attached; refused (one line) where the cache lacks a window the KD phase reads."""
+    import numpy as np
+
+    from salt_megatron.data.teacher_cache import CacheMismatch, CachedTeacherSamples
+    from salt_megatron.data.windows import UnshuffledWindows
+
+    cache = inputs.teacher_cache
+    if selection is not None:  # SALT_DS: the selected windows of the scored one-epoch dataset
+        source, window_of = selection, selection.window_of
+        window_seed = next(iter(inputs.sidecars.values()))[0]["seed"]
+    else:  # the training data: its windows are the one-epoch dataset's, in the same order, while it has one epoch
+        prefix = inputs.sources.train.prefixes[0]
+        epoch, ran = UnshuffledWindows(one_epoch(prefix)), UnshuffledWindows(train)
+        if not (np.array_equal(ran.sample_index, epoch.sample_index)
+                and np.array_equal(ran.shuffle_to_window, epoch.shuffle_to_window)):
+            raise CacheMismatch(f"this run reads more than one epoch of {prefix} (--train-iters x --global-batch-size "
+                                "samples), and a teacher cache is keyed by one epoch's windows: use SALT_DS "
+                                "(--kd-data-selection) or fewer samples")
+        order = epoch.shuffle_to_window
+        source, window_of, window_seed = train, (lambda i: int(order[i % order.size])), args.seed
+    gbs = args.global_batch_size
+    first = (inputs.resume_meta or {}).get("consumed_samples", inputs.start_step * gbs)
+    last = salt.schedule.kd_steps * gbs
+    cache.check_windows(window_seed, np.array([window_of(i) for i in range(first, last)], dtype=np.int64),
+                        first_sample=first, global_batch_size=gbs)
+    h = cache.header
+    writer.message(f"teacher cache: {cache.path} (top-{h['topk']} at τ={h['temperature']}, {h['num_windows']} "
+                   f"windows, teacher {h['teacher_checkpoint']} step {h['teacher_step']}): the KD phase runs no teacher")
+    return CachedTeacherSamples(source, window_of, cache)
 
 
 def build_student(args, arch: GPTArchitecture):

@@ -13,8 +13,7 @@ import torch
 
 from salt_megatron.distributed import compute_device, to_device
 from salt_megatron.kd import salt_loss
-from salt_megatron.kd.loss import masked_mean_cross_entropy
-from salt_megatron.kd.token_weights import kd_token_weights
+from salt_megatron.kd.loss import cached_salt_loss, masked_mean_cross_entropy
 from salt_megatron.model import causal_attention_mask
 from salt_megatron.training.state import Run
 
@@ -39,7 +38,8 @@ def train_step(run: Run) -> dict:
     omega = salt.kd_weight(state.step, state.kd_ended_at)
     use_teacher = omega > 0 and run.teacher is not None and run.teacher.loaded
     measure_gap = salt.auto_switch and omega > 0  # the auto switch compares the student's CE with the teacher's
-    # SALT_DS: while the teacher is in use, samples come from the selected windows; afterwards the ordinary data
+    # SALT_DS: while the teacher is in use, samples come from the selected windows; afterwards the ordinary data.
+    # With --teacher-cache, the KD-phase samples carry the teacher's top-K (data.teacher_cache)
     selected = run.data.kd is not None and omega > 0
     start = time.perf_counter()
     batches = list(micro_batches(
@@ -50,17 +50,20 @@ def train_step(run: Run) -> dict:
 
     def loss_func(data, teacher_logits, student_logits):
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        weights = None
-        if salt.token_weighting != "none" and teacher_logits is not None:
-            weights = kd_token_weights(teacher_logits, data["labels"], salt.token_weighting,
-                                       loss_mask=data["loss_mask"], k=salt.token_topk, vocab_size=run.arch.vocab_size,
-                                       tp_group=tp_group)
-        out = salt_loss(
-            student_logits, data["labels"], teacher_logits, kd_weight=omega, temperature=salt.temperature,
-            loss_mask=data["loss_mask"], vocab_size=run.arch.vocab_size, tp_group=tp_group,
-            scale_kd_by_temperature_squared=salt.scale_kd_by_temperature_squared, impl=salt.kernel_impl,
-            fuse_ce_with_kd=salt.fuse_ce_with_kd, kd_token_weights=weights,
-        )
+        if "teacher_ids" in data:  # --teacher-cache: the teacher's top-K came with the batch
+            out = cached_salt_loss(
+                student_logits, data["labels"], data, kd_weight=omega, temperature=salt.temperature,
+                loss_mask=data["loss_mask"], vocab_size=run.arch.vocab_size, tp_group=tp_group,
+                scale_kd_by_temperature_squared=salt.scale_kd_by_temperature_squared,
+            )
+        else:
+            out = salt_loss(
+                student_logits, data["labels"], teacher_logits, kd_weight=omega, temperature=salt.temperature,
+                loss_mask=data["loss_mask"], vocab_size=run.arch.vocab_size, tp_group=tp_group,
+                scale_kd_by_temperature_squared=salt.scale_kd_by_temperature_squared, impl=salt.kernel_impl,
+                fuse_ce_with_kd=salt.fuse_ce_with_kd, kd_token_weighting=salt.token_weighting,
+                kd_token_topk=salt.token_topk,
+            )
         # a copy: megatron-core's schedule scales the returned loss in place (÷ micro-batches) after this returns
         logs = {"loss": out.loss.detach().clone(), "ce": out.ce, "kd": out.kd if out.kd is not None else out.ce * 0}
         if measure_gap:
