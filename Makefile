@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip -q --disable-pip-version-check
 CONSTRAINTS := -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo demo-full experiment experiment-quick experiment-paper bench wheel-smoke clean
+.PHONY: install test demo demo-full experiment experiment-quick experiment-paper experiment-cache bench wheel-smoke clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ install: $(STAMP)
 
 # pytest exits 5 when it collected no test: that is a failure here, as is any other non-zero code.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # the package as a user gets it: an isolated wheel build, installed into a fresh venv outside the repository
 wheel-smoke:
@@ -47,6 +47,11 @@ experiment-quick: $(STAMP)
 experiment-paper: $(STAMP)
 	$(PY) -m salt_megatron.cli experiment --preset paper-regime --out experiment_out_paper \
 	  --report-dir docs/experiment/paper_regime
+
+# the offline teacher: SALT from the running teacher vs from top-64 / top-16 caches, 3 paired seeds (~15 min)
+experiment-cache: $(STAMP)
+	$(PY) -m salt_megatron.cli experiment --preset teacher-cache --out experiment_out_cache \
+	  --report-dir docs/experiment/teacher_cache
 
 bench: $(STAMP)
 	$(PY) benchmarks/kd_loss.py

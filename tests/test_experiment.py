@@ -175,3 +175,29 @@ def test_the_paper_regime_gate_and_verdict():
     assert not none["h1"] and not none["success"]
     text = preregistration(dict(PRESETS["paper-regime"], student_lr=None))
     assert "H1" in text and "p < 0.05" in text and "seed 101" in text
+
+
+def test_the_teacher_cache_report_computes_its_numbers_from_the_runs(tmp_path):
+    from salt_megatron.experiment.cache_quality import write_cache_report
+
+    p = dict(PRESETS["teacher-cache"])
+    finals = {"online": [4.0, 4.2, 4.1], "cache_k64": [4.01, 4.22, 4.12], "cache_k16": [4.1, 4.3, 4.2]}
+    results = []
+    for name, values in finals.items():
+        for seed, final in enumerate(values, 1):
+            step0 = 7.0 + (0.05 if name == "cache_k16" else 0.0)  # the KD term's error at step 0, times ω = 0.5
+            train = [{"step": i, "loss": step0 if i == 0 else 5.0, "kd_weight": 0.5 if i < 2 else 0.0,
+                      "step_time_s": 0.3 if name == "online" else 0.2, "teacher_ran": name == "online"}
+                     for i in range(4)]
+            results.append({"variant": name, "seed": seed, "wall_s": 100.0 if name == "online" else 80.0,
+                            "train": train, "eval": [{"step": 4, "val_loss": final, "val_loss_shakespeare": 5.0,
+                                                      "val_windows": "abc"}]})
+    caches = {(s, k): {"seconds": 10.0, "bytes": 1} for s in (1, 2, 3) for k in (64, 16)}
+    teacher = {"eval": [{"step": 4, "val_loss": 4.5, "val_windows": "abc"}]}
+    report = open(write_cache_report(str(tmp_path), p=p, n_kd=2, teacher=teacher, results=results,
+                                     caches=caches)).read()
+    assert "| top-64 | +0.0167 |" in report and "| top-16 | +0.1000 |" in report
+    assert "| 1.00e-01 nats |" in report and "| 0.00e+00 nats |" in report  # 0.05 / ω
+    assert "| online | 300.0 ms | 100.0 s | — | — |" in report
+    assert "| cache_k64 | 200.0 ms | 80.0 s | 10.0 s | 388 (dense fp16: 4096) |" in report
+    assert "takes 90.0 s against 100.0 s with the running teacher (+10.0% saved)" in report

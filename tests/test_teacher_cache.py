@@ -162,7 +162,7 @@ def _kd_run(corpus, *extra, iters="3", gbs="4"):
 
 def test_pretrain_with_the_cache_runs_no_teacher_and_matches_online_kd_at_k_equal_v(corpus, teacher_dir, tmp_path):
     """K = V: the cached KD is the online KD up to the fp16 storage of the log-probabilities; the cache is keyed by
-    window, so a run with another batch layout (GBS 2 x 4 steps, DP 2) reads it too."""
+    window, so a run with another batch layout (GBS 2 x 4 steps, DP 2) reads it too; PP and DeepSpeed read it."""
     path = str(tmp_path / "full")
     run_workers(_cache_worker, 1, _argv(corpus, teacher_dir, path, "--topk", "512", "--kd-steps", "2",
                                         "--global-batch-size", "4", "--seed", "5"))
@@ -179,23 +179,41 @@ def test_pretrain_with_the_cache_runs_no_teacher_and_matches_online_kd_at_k_equa
                           "--micro-batch-size", "1"])
     assert [r["kd_weight"] for r in other["train"]] == [0.5] * 4
     assert all(r["kd"] == r["kd"] for r in other["train"])  # finite
+    # pipeline stages (the cached rows travel with the batch to the last stage) and DeepSpeed ZeRO-1 over 2 ranks
+    pp = [pretrain(2, _kd_run(corpus, teacher, "--pipeline-model-parallel-size", "2"))[0]["train"]
+          for teacher in (f"--teacher-load={teacher_dir}", f"--teacher-cache={path}")]
+    assert [r["loss"] for r in pp[1]] == pytest.approx([r["loss"] for r in pp[0]], abs=1e-4)
+    config = tmp_path / "zero1.json"
+    config.write_text('{"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": "auto", '
+                      '"gradient_accumulation_steps": "auto"}')
+    ds, = pretrain(2, _kd_run(corpus, "--teacher-cache", path, "--deepspeed", "--deepspeed-config", str(config)))
+    assert ds["train"][0]["loss"] == pytest.approx(cached["train"][0]["loss"], rel=1e-5)
+    assert not any(r["teacher_ran"] for r in ds["train"]) and all(r["loss"] == r["loss"] for r in ds["train"])
 
 
 def test_a_cache_that_does_not_fit_the_run_is_refused_in_one_line(corpus, teacher_dir, tmp_path):
+    from salt_megatron.errors import SaltError
+    from salt_megatron.training.loop import main_returning
+
     path = str(tmp_path / "c")
     run_workers(_cache_worker, 1, _argv(corpus, teacher_dir, path, "--kd-steps", "2", "--global-batch-size", "4",
                                         "--seed", "5"))
-    cases = [(["--teacher-cache", path, "--kd-steps", "3"], "lacks window .* which step 2 would read first"),
-             (["--teacher-cache", path, "--seed", "6"], "seed 5, this run's KD phase reads those of seed 6"),
-             (["--teacher-cache", path, "--kd-temperature", "2"], "--kd-temperature 1.0, this run uses 2.0"),
-             (["--teacher-cache", path, "--teacher-load", teacher_dir], "give one"),
-             (["--teacher-cache", str(tmp_path / "nothing")], "no teacher cache"),
-             (["--teacher-cache", path, "--kd-transition", "auto"], "top-K cache does not hold")]
-    for extra, message in cases:
-        save = str(tmp_path / "save")
-        error, = run_workers(_refused_worker, 1, [*_kd_run(corpus, "--save", save), *extra])
+    save = str(tmp_path / "save")
+    # refused by the flag checks and check_inputs, before any process group: in this process
+    for extra, message in ((["--kd-temperature", "2"], "--kd-temperature 1.0, this run uses 2.0"),
+                           (["--teacher-load", teacher_dir], "give one"),
+                           (["--kd-transition", "auto"], "top-K cache does not hold"),
+                           (["--kd-token-weighting", "teacher_top1"], "full logits")):
+        with pytest.raises(SaltError, match=message):
+            main_returning([*_kd_run(corpus, "--save", save), "--teacher-cache", path, *extra])
+    with pytest.raises(SaltError, match="no teacher cache"):
+        main_returning([*_kd_run(corpus, "--save", save), "--teacher-cache", str(tmp_path / "nothing")])
+    # refused once the KD phase's windows are known (after the datasets are built), before the first step
+    for extra, message in ((["--kd-steps", "3"], "lacks window .* which step 2 would read first"),
+                           (["--seed", "6"], "seed 5, this run's KD phase reads those of seed 6")):
+        error, = run_workers(_refused_worker, 1, [*_kd_run(corpus, "--save", save, "--teacher-cache", path), *extra])
         assert error is not None and re.search(message, error) and "\n" not in error, (extra, error)
-        assert not os.path.exists(save)
+    assert not os.path.exists(save)
 
 
 def _refused_worker(rank, world_size, argv):

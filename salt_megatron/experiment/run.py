@@ -61,6 +61,15 @@ PRESETS = {
         eval_interval=25, eval_iters=32, lr_sweep=[2e-3, 4e-3, 8e-3],
         seeds=6, rkd_seeds=2,
     ),
+    # the offline teacher (salt_megatron.experiment.cache_quality): SALT from the running teacher vs from top-64 and
+    # top-16 caches of each seed's KD-phase windows, 3 paired seeds; the quick preset's models, KD for 40% of the run
+    "teacher-cache": dict(
+        vocab=2048, seq=128, micro_batch=16,
+        teacher_layers=2, teacher_hidden=96, teacher_heads=4, teacher_iters=240, teacher_lr=3e-3,
+        student_layers=2, student_hidden=160, student_heads=4, student_iters=240, student_lr=2e-3,
+        **_SALT_KNOBS, kd_fraction=0.4,
+        eval_interval=20, eval_iters=32, seeds=3,
+    ),
     # for the test suite: seconds per run
     "tiny": dict(
         vocab=512, seq=32, micro_batch=4,
@@ -173,9 +182,10 @@ def main(argv=None) -> None:
             raise UsageError(f"{out} holds runs of another preset ({earlier['name']}); use another --out")
     else:
         atomic_json(plan_file, {"name": preset_name, "preset": p})
-    if preset_name == "paper-regime":
-        from salt_megatron.experiment.paper_regime import run
+    if preset_name in ("paper-regime", "teacher-cache"):
+        from salt_megatron.experiment import cache_quality, paper_regime
 
+        run = paper_regime.run if preset_name == "paper-regime" else cache_quality.run
         print(f"\nreport: {run(p, out, report_dir)}")
         return
 

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""The offline teacher (``cache-teacher`` + ``pretrain --teacher-cache``), measured at ``step_overhead.py``'s shapes.
+
+1. Size: bytes per token of a cache for K = 16, 64, 256 against the dense fp16 logits it replaces.
+2. Writing: the cache's throughput (teacher forward + top-K + copy to the host, per token) ÷ the teacher's forward
+   alone on the same windows and batches (target >= 0.9); alternated, medians; and the whole command's wall time.
+3. Training: the KD-phase step reading the cache (K = 64) ÷ the baseline step (target <= 1.02), and the online
+   teacher's KD-phase step for comparison; real ``pretrain`` runs, alternated, ratios of median step times.
+
+All in this one run, on this machine.
+
+    python benchmarks/teacher_cache.py [--steps 30] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from step_overhead import MBS, SEQ, STUDENT, TEACHER, VOCAB, _flags  # noqa: E402  (the same shapes)
+
+KS = (16, 64, 256)
+
+
+def _throughput_worker(teacher_dir: str, prefix: str, batches: int, repeats: int) -> dict:
+    """Tokens/s of the teacher's forward alone and of cache writing's per-chunk work, on the same batches."""
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    from salt_megatron.cache_teacher import _cache_chunk
+    from salt_megatron.checkpointing import read_meta
+    from salt_megatron.data.gpt_data import build_gpt_datasets, collate
+    from salt_megatron.data.tokenizer import load_tokenizer
+    from salt_megatron.data.windows import UnshuffledWindows
+    from salt_megatron.distributed import initialize_distributed
+    from salt_megatron.model import causal_attention_mask
+    from salt_megatron.teacher import Teacher
+
+    initialize_distributed(1, 1, backend="gloo")
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    meta = read_meta(teacher_dir)
+    model = Teacher(meta, params_dtype=torch.float32, is_last_stage=True, tp_group=None).model
+    dataset, _ = build_gpt_datasets(prefix + "_train", None, load_tokenizer(prefix + ".model"), seq_length=SEQ,
+                                    seed=1234, train_samples=None, valid_samples=None)
+    windows = UnshuffledWindows(dataset)
+    ids = list(range(batches * MBS))
+    mask = causal_attention_mask(SEQ)
+
+    def forward_only():
+        for start in range(0, len(ids), MBS):
+            batch = collate([windows.item(w) for w in ids[start:start + MBS]])
+            with torch.inference_mode():
+                model(batch["tokens"], batch["position_ids"], mask)
+
+    def chunk(k):
+        args = argparse.Namespace(seq_length=SEQ, micro_batch_size=MBS, topk=k, kd_temperature=1.0)
+        return lambda: _cache_chunk(model, windows, np.array(ids), args, meta["arch"]["vocab_size"], None)
+
+    runs = {"forward": forward_only, **{f"cache_k{k}": chunk(k) for k in KS}}
+    seconds = {name: [] for name in runs}
+    forward_only()  # warm-up
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - t)
+    tokens = len(ids) * SEQ
+    return {name: tokens / statistics.median(s) for name, s in seconds.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per pretrain run (after 3 warm-up steps)")
+    ap.add_argument("--repeats", type=int, default=2, help="alternated rounds (pretrain runs and throughput)")
+    ap.add_argument("--forward-batches", type=int, default=16, help="micro-batches per throughput measurement")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+
+    from salt_megatron.data.corpora import prepare_sotu
+    from salt_megatron.data.teacher_cache import bytes_per_token
+    from salt_megatron.training.loop import main_returning
+    from tests.dist_utils import run_workers
+
+    work = args.workdir or tempfile.mkdtemp(prefix="salt_teacher_cache_")
+    prefix = prepare_sotu(work, VOCAB)
+    common = ["--data-path", prefix, "--seq-length", str(SEQ), "--micro-batch-size", str(MBS), "--eval-iters", "1",
+              "--log-interval", "1000"]
+    teacher_dir = os.path.join(work, "teacher")
+    if not os.path.exists(os.path.join(teacher_dir, "latest_checkpointed_iteration.txt")):
+        main_returning([*common, *_flags(TEACHER), "--train-iters", "3", "--save", teacher_dir])
+
+    print(f"shapes: student {STUDENT}, teacher {TEACHER}, seq {SEQ}, micro batch {MBS}, vocab {VOCAB}")
+    sizes = {k: bytes_per_token(k) for k in KS}
+    for k, b in sizes.items():
+        print(f"K = {k:3d}: {b} bytes per token | dense fp16 logits: {2 * VOCAB} (V = {VOCAB}, {2 * VOCAB / b:.0f}x), "
+              f"{2 * 32768} (V = 32k, {2 * 32768 / b:.0f}x), {2 * 131072} (V = 128k, {2 * 131072 / b:.0f}x)")
+
+    rates, = run_workers(_throughput_worker_entry, 1, teacher_dir, prefix, args.forward_batches, args.repeats)
+    for k in KS:
+        print(f"cache writing, K = {k:3d}: {rates[f'cache_k{k}']:.0f} tok/s vs the teacher's forward alone "
+              f"{rates['forward']:.0f} tok/s: {rates[f'cache_k{k}'] / rates['forward']:.3f} (target >= 0.9)")
+
+    iters = args.steps + 3
+    cache_path = os.path.join(work, "cache_k64")
+    cmd = [sys.executable, "-m", "salt_megatron.cli", "cache-teacher", "--load", teacher_dir, "--data-path", prefix,
+           "--seq-length", str(SEQ), "--topk", "64", "--kd-steps", str(iters), "--global-batch-size", str(MBS),
+           "--micro-batch-size", str(MBS), "--cache-path", cache_path, "--no-progress"]
+    if not os.path.exists(cache_path + ".json"):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        print(f"cache-teacher (K = 64, {iters * MBS} windows, {iters * MBS * SEQ} tokens): "
+              f"{time.perf_counter() - start:.1f} s for the whole command, process start included")
+
+    student = [*common, *_flags(STUDENT), "--train-iters", str(iters)]
+    kd = ["--kd-steps", str(iters), "--kd-weight", "0.5"]
+    variants = {"baseline": [], "online": ["--teacher-load", teacher_dir, *kd],
+                "cached": ["--teacher-cache", cache_path, *kd]}
+    times = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, extra in variants.items():
+            history = main_returning([*student, *extra])
+            times[name] += [h["step_time_s"] for h in history["train"][3:]]
+    base = statistics.median(times["baseline"])
+    result = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    print(f"baseline step {result['baseline']:.1f} ms | KD-phase step, online teacher {result['online']:.1f} ms "
+          f"({result['online'] / 1e3 / base:.3f}x) | from the cache (K = 64) {result['cached']:.1f} ms "
+          f"({result['cached'] / 1e3 / base:.3f}x, target <= 1.02)")
+    print(json.dumps({"step_ms": result, "cached_over_baseline": result["cached"] / 1e3 / base,
+                      "online_over_baseline": result["online"] / 1e3 / base, "bytes_per_token": sizes,
+                      "write_tok_s": rates, "steps_per_run": args.steps, "repeats": args.repeats}))
+
+
+def _throughput_worker_entry(rank, world_size, *args):
+    return _throughput_worker(*args)
+
+
+if __name__ == "__main__":
+    main()
