@@ -43,7 +43,7 @@ def _measure(student, teacher, labels, mask, mode, k, tau, impl, tp_group=None):
     return answer
 
 
-def _tp_worker(rank, world_size, student, teacher, labels, mask, mode, k, tau):
+def _tp_worker(rank, world_size, student, teacher, labels, mask, cases):
     torch.distributed.init_process_group("gloo")
     collectives = []
     real_all_reduce = torch.distributed.all_reduce
@@ -53,33 +53,41 @@ def _tp_worker(rank, world_size, student, teacher, labels, mask, mode, k, tau):
         return real_all_reduce(tensor, *args, **kwargs)
 
     torch.distributed.all_reduce = counting_all_reduce
+    out = []
     try:
         w = teacher.shape[-1] // world_size
         cols = slice(rank * w, (rank + 1) * w)
-        answer = _measure(student[..., cols], teacher[..., cols], labels, mask, mode, k, tau, "torch",
-                          torch.distributed.group.WORLD)
+        for mode, k, tau in cases:
+            collectives.clear()
+            answer = _measure(student[..., cols], teacher[..., cols], labels, mask, mode, k, tau, "torch",
+                              torch.distributed.group.WORLD)
+            out.append((answer, list(collectives)))
     finally:
         torch.distributed.all_reduce = real_all_reduce
-    return answer, collectives
+    return out
 
 
-@pytest.mark.parametrize("mode, k", MODES)
-@pytest.mark.parametrize("tau", [1.0, 2.0])
-def test_correctness_matches_the_gathered_answer_in_the_kd_losss_two_collectives(mode, k, tau):
+CASES = [(mode, k, tau) for mode, k in MODES for tau in (1.0, 2.0)]
+
+
+def test_correctness_matches_the_gathered_answer_in_the_kd_losss_two_collectives():
     student, teacher, labels, mask = _inputs()
-    want = _reference(teacher, labels, mode, k, VOCAB, tau) * mask
-    assert want.sum() > 0 and (mode == "teacher_prob" or want.sum() < mask.sum())
-    for impl in ("torch", "fused"):
-        if impl == "fused":
-            fused_kernels_on("cpu")
-        for dtype in (torch.float64, torch.float32):
-            got = _measure(student.to(dtype), teacher.to(dtype), labels, mask, mode, k, tau, impl)
-            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    for answer, collectives in run_workers(_tp_worker, 2, student, teacher, labels, mask, mode, k, tau):
-        torch.testing.assert_close(answer.double(), want, rtol=1e-5, atol=1e-6)
-        kept = int(mask.sum())
-        # the KD loss's own MAX and SUM, each one column wider: nothing else crossed the group
-        assert collectives == [(kept, 3), (kept, 4 if mode == "teacher_topk" else 3)]
+    kept = int(mask.sum())
+    tp2 = run_workers(_tp_worker, 2, student, teacher, labels, mask, CASES)
+    for i, (mode, k, tau) in enumerate(CASES):
+        want = _reference(teacher, labels, mode, k, VOCAB, tau) * mask
+        assert want.sum() > 0 and (mode == "teacher_prob" or want.sum() < mask.sum())
+        for impl in ("torch", "fused"):
+            if impl == "fused":
+                fused_kernels_on("cpu")
+            for dtype in (torch.float64, torch.float32):
+                got = _measure(student.to(dtype), teacher.to(dtype), labels, mask, mode, k, tau, impl)
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        for rank_results in tp2:
+            answer, collectives = rank_results[i]
+            torch.testing.assert_close(answer.double(), want, rtol=1e-5, atol=1e-6)
+            # the KD loss's own MAX and SUM, each one column wider: nothing else crossed the group
+            assert collectives == [(kept, 3), (kept, 4 if mode == "teacher_topk" else 3)], (mode, collectives)
 
 
 def test_the_factors_have_mean_one_over_the_kept_tokens():
