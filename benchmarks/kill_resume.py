@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""kill -9 at random moments of `pretrain` (saves included), `score` and `prepare`; each time, the next run must
-resume (or redo) the work and end exactly where an uninterrupted run ends: the same losses and final weights, a
-byte-identical score sidecar, byte-identical prepared files.  Prints what it counted.
+"""kill -9 at random moments of `pretrain` (saves included), `score`, `cache-teacher` and `prepare`; each time, the
+next run must resume (or redo) the work and end exactly where an uninterrupted run ends: the same losses and final
+weights, a byte-identical score sidecar and teacher cache, byte-identical prepared files.  Prints what it counted.
 
     python benchmarks/kill_resume.py [--runs 10] [--kills-per-run 2] [--seed 0] [--workdir DIR]
 
@@ -111,11 +111,37 @@ def losses(metrics: str) -> dict[int, float]:
     return out
 
 
+def check_cache(teacher: str, corpus: str, work: str, kills: int, rng) -> int:
+    """A reference teacher cache, then ``kills`` runs killed at a random moment and rerun: byte-identical files?"""
+    from salt_megatron.data.teacher_cache import cache_paths
+
+    def cmd(path):
+        return cli("cache-teacher", "--load", teacher, "--data-path", corpus, "--windows", "all", "--topk", 8,
+                   "--cache-chunk-windows", 4, "--no-progress", "--cache-path", path)
+
+    reference = os.path.join(work, "cache_reference")
+    t0 = time.time()
+    assert run(cmd(reference))["code"] == 0
+    took = time.time() - t0
+    failures = mid_work = 0
+    for k in range(kills):
+        path = os.path.join(work, f"cache{k}")
+        run(cmd(path), kill_after=rng.uniform(0.6 * took, 0.98 * took))  # startup takes most of the first part
+        mid_work += len(glob.glob(os.path.join(cache_paths(path)["partial"], "chunk_*"))) > 0
+        done = run(cmd(path))
+        files = [(cache_paths(path)[name], cache_paths(reference)[name]) for name in cache_paths(path)
+                 if name != "partial"]
+        failures += not (done["code"] == 0 and all(filecmp.cmp(a, b, shallow=False) for a, b in files))
+    print(f"cache-teacher: {mid_work} of the {kills} kills left finished chunks behind (the rest came earlier)")
+    return failures
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10, help="pretrain runs, each killed --kills-per-run times")
     ap.add_argument("--kills-per-run", type=int, default=2)
     ap.add_argument("--score-kills", type=int, default=3)
+    ap.add_argument("--cache-kills", type=int, default=3)
     ap.add_argument("--prepare-kills", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
@@ -187,11 +213,15 @@ def main() -> int:
     print(f"score: {args.score_kills} kill -9, {args.score_kills - score_failures} reruns gave a byte-identical "
           f"sidecar")
 
+    cache_failures = check_cache(teacher, corpus, work, args.cache_kills, rng)
+    print(f"cache-teacher: {args.cache_kills} kill -9, {args.cache_kills - cache_failures} reruns gave a "
+          "byte-identical cache")
+
     prepare_kills, prepare_failures = check_prepare(text, corpus, reference_files, work, args.prepare_kills, rng,
                                                     prepare_time)
     print(f"prepare: {prepare_kills} kill -9, {prepare_kills - prepare_failures} reruns gave byte-identical files "
           "(and no kill left a partial set visible)")
-    total = failures + score_failures + prepare_failures
+    total = failures + score_failures + cache_failures + prepare_failures
     print(f"failures: {total} ({time.time() - start:.0f} s; work in {work})")
     return total
 
