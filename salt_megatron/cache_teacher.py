@@ -188,12 +188,10 @@ def cache_teacher(args) -> dict | None:
     model = Teacher(meta, params_dtype=torch.float32, is_last_stage=True,
                     tp_group=parallel_state.get_tensor_model_parallel_group()).model
     path = args.cache_path or C.default_cache_path(prefix)
-    config = {"idx_sha256": C.file_sha256(prefix + ".idx"), "seq_length": args.seq_length, "seed": window_seed,
-              "topk": args.topk, "temperature": float(args.kd_temperature), "vocab_size": arch.vocab_size,
-              "chunk_windows": args.cache_chunk_windows, "micro_batch_size": args.micro_batch_size,
-              "teacher_checkpoint": meta["path"], "teacher_step": meta["step"],
-              "teacher_fingerprint": meta["fingerprint"], "tokenizer_hash": tokenizer.hash,
-              "windows_sha256": C.array_sha256(wanted), "selection": args.windows}
+    config = {**cache_header(meta, tokenizer, prefix, seq_length=args.seq_length, seed=window_seed, topk=args.topk,
+                             temperature=args.kd_temperature, vocab_size=arch.vocab_size, windows=wanted,
+                             selection=args.windows),
+              "chunk_windows": args.cache_chunk_windows, "micro_batch_size": args.micro_batch_size}
     return _write(args, model, windows, wanted, path, config, arch.vocab_size)
 
 
@@ -257,20 +255,38 @@ def _write(args, model, windows, wanted: np.ndarray, path: str, config: dict, vo
     torch.distributed.barrier()
     header = None
     if rank == 0:
-        def filler(name):
-            def fill(out):
-                for c in range(num_chunks):
-                    with np.load(_chunk_path(partial, c)) as z:
-                        out[c * per:c * per + z[name].shape[0]] = z[name]
-            return fill
-
-        header = C.write_cache(path, {"windows": wanted, **{n: filler(n) for n in ("ids", "logprobs", "rest")}},
-                               {k: v for k, v in config.items() if k not in ("chunk_windows", "micro_batch_size")})
+        header = write_from_chunks(path, wanted, [_chunk_path(partial, c) for c in range(num_chunks)],
+                                   {k: v for k, v in config.items() if k not in ("chunk_windows", "micro_batch_size")})
         shutil.rmtree(partial)
         print(f"cached the teacher's top-{args.topk} at τ={args.kd_temperature} for {wanted.size} windows of "
               f"{args.seq_length} tokens ({header['bytes_per_token']} bytes per token): {path}.json")
     torch.distributed.barrier()
     return header
+
+
+def cache_header(meta: dict, tokenizer, prefix: str, *, seq_length: int, seed: int, topk: int, temperature: float,
+                 vocab_size: int, windows: np.ndarray, selection: str) -> dict:
+    """What a cache records of itself (and what a rerun's unfinished chunks must agree with)."""
+    return {"idx_sha256": C.file_sha256(prefix + ".idx"), "seq_length": seq_length, "seed": seed, "topk": topk,
+            "temperature": float(temperature), "vocab_size": vocab_size, "teacher_checkpoint": meta["path"],
+            "teacher_step": meta["step"], "teacher_fingerprint": meta["fingerprint"],
+            "tokenizer_hash": tokenizer.hash, "windows_sha256": C.array_sha256(windows), "selection": selection}
+
+
+def write_from_chunks(path: str, windows: np.ndarray, chunk_files: list, header: dict, key: str = "") -> dict:
+    """The cache at ``path`` from chunk files holding ``{key}ids``, ``{key}logprobs``, ``{key}rest`` of consecutive
+    rows, streamed into the memory-mapped arrays one chunk at a time."""
+    def filler(name):
+        def fill(out):
+            at = 0
+            for f in chunk_files:
+                with np.load(f) as z:
+                    part = z[key + name]
+                out[at:at + part.shape[0]] = part
+                at += part.shape[0]
+        return fill
+
+    return C.write_cache(path, {"windows": windows, **{n: filler(n) for n in ("ids", "logprobs", "rest")}}, header)
 
 
 def main(argv=None) -> None:

@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-topk", type=int, default=10, help="k of the top-k filter (paper: 10)")
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--score-chunk-windows", type=int, default=256, help="windows per resumable chunk")
+    p.add_argument("--cache-topk", type=int, default=0, metavar="K",
+                   help="also write the teacher cache of every window (`cache-teacher --windows all`) from the same "
+                        "teacher pass: its top-K per token (0: no cache)")
+    p.add_argument("--cache-temperature", type=float, default=1.0, help="τ of the cache's log-probabilities")
+    p.add_argument("--cache-path", default=None, metavar="PATH",
+                   help="where the cache goes (one dataset; default PREFIX.salt_teacher_cache beside each)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -108,14 +114,18 @@ def _chunk_path(partial_dir: str, chunk: int) -> str:
 
 
 def _score_chunk(model, windows: UnshuffledWindows, lo: int, hi: int, *, seq_length: int, micro_batch_size: int,
-                 topk: int, vocab_size: int, tp_group) -> dict:
-    """Scores of windows [lo, hi) and the per-document pieces their tokens contribute."""
+                 topk: int, vocab_size: int, tp_group, cache: tuple | None = None) -> dict:
+    """Scores of windows [lo, hi) and the per-document pieces their tokens contribute; with ``cache`` (K, τ), the
+    teacher cache's rows of those windows too (``cache_ids``, ``cache_logprobs``, ``cache_rest``)."""
+    from salt_megatron.cache_teacher import teacher_topk
+    from salt_megatron.data.teacher_cache import ARRAYS
+
     from salt_megatron.data.gpt_data import collate
     from salt_megatron.distributed import compute_device, to_device
     from salt_megatron.model import causal_attention_mask
 
     window_scores = np.zeros((hi - lo, 3), dtype=np.float32)
-    doc_ids, doc_loss, doc_topk = [], [], []
+    doc_ids, doc_loss, doc_topk, cached = [], [], [], {}
     mask = causal_attention_mask(seq_length, device=compute_device())
     for start in range(lo, hi, micro_batch_size):
         ids = list(range(start, min(hi, start + micro_batch_size)))
@@ -124,6 +134,11 @@ def _score_chunk(model, windows: UnshuffledWindows, lo: int, hi: int, *, seq_len
             logits = model(batch["tokens"], batch["position_ids"], mask)
             loss, in_topk = token_loss_and_topk(logits, batch["labels"], k=topk, vocab_size=vocab_size,
                                                 tp_group=tp_group)
+            if cache is not None:
+                rows = teacher_topk(logits, k=cache[0], temperature=cache[1], vocab_size=vocab_size,
+                                    tp_group=tp_group)
+                for name, value in zip(("ids", "logprobs", "rest"), rows):
+                    cached.setdefault(name, []).append(value.cpu().numpy().astype(ARRAYS[name]))
         loss, in_topk = loss.double().cpu().numpy(), in_topk.cpu().numpy()
         keep = batch["loss_mask"].cpu().numpy() > 0
         window_scores[ids[0] - lo:ids[-1] - lo + 1] = S.score_rows(loss, in_topk, keep)
@@ -135,7 +150,7 @@ def _score_chunk(model, windows: UnshuffledWindows, lo: int, hi: int, *, seq_len
             doc_topk.append(in_topk[row][k])
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
     return {"window_scores": window_scores, "doc_ids": cat(doc_ids, np.int64), "doc_loss": cat(doc_loss, np.float32),
-            "doc_topk": cat(doc_topk, bool)}
+            "doc_topk": cat(doc_topk, bool), **{"cache_" + k: np.concatenate(v) for k, v in cached.items()}}
 
 
 def _document_scores(chunks: list[dict], num_documents: int) -> np.ndarray:
@@ -181,6 +196,10 @@ def score(args) -> list[dict] | None:
         check_teacher_checkpoint(args.load, tokenizer_hash=tokenizer.hash, padded_vocab_size=arch.padded_vocab_size)
     if args.score_topk < 1:
         raise UsageError("--score-topk must be >= 1")
+    if not 0 <= args.cache_topk <= arch.vocab_size or args.cache_temperature <= 0:
+        raise UsageError(f"--cache-topk must be in [0, {arch.vocab_size}] (the vocabulary) and --cache-temperature > 0")
+    if args.cache_path is not None and (len(blend.prefixes) != 1 or not args.cache_topk):
+        raise UsageError("--cache-path names the cache of one dataset, written with --cache-topk K")
     for prefix in blend.prefixes:
         check_indexed_dataset(prefix)
     if args.check_only:
@@ -220,10 +239,12 @@ def _score_dataset(args, model, meta: dict, arch, tokenizer, prefix: str, *, spl
     if split is not None:  # recorded only when set: the sidecars of whole datasets stay as they were
         config["split"] = split
     config_file = os.path.join(paths["partial"], "config.json")
+    # the teacher cache written from the same pass (--cache-topk) is part of what the unfinished chunks hold
+    chunk_config = dict(config, cache=[args.cache_topk, args.cache_temperature]) if args.cache_topk else config
     if rank == 0:
-        if os.path.isfile(config_file) and json.load(open(config_file)) != config:
+        if os.path.isfile(config_file) and json.load(open(config_file)) != chunk_config:
             shutil.rmtree(paths["partial"])  # an interrupted run with other settings: its chunks do not fit
-        write_json_atomically(config_file, config, sort_keys=True)
+        write_json_atomically(config_file, chunk_config, sort_keys=True)
     torch.distributed.barrier()
 
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -242,7 +263,8 @@ def _score_dataset(args, model, meta: dict, arch, tokenizer, prefix: str, *, spl
     for c in mine:
         lo, hi = c * args.score_chunk_windows, min(n, (c + 1) * args.score_chunk_windows)
         result = _score_chunk(model, windows, lo, hi, seq_length=seq_length, micro_batch_size=args.micro_batch_size,
-                              topk=args.score_topk, vocab_size=arch.vocab_size, tp_group=tp_group)
+                              topk=args.score_topk, vocab_size=arch.vocab_size, tp_group=tp_group,
+                              cache=(args.cache_topk, args.cache_temperature) if args.cache_topk else None)
         if writer:
             with atomic_files(_chunk_path(paths["partial"], c)) as (tmp,):
                 np.savez(tmp, **result)
@@ -257,15 +279,31 @@ def _score_dataset(args, model, meta: dict, arch, tokenizer, prefix: str, *, spl
         chunks = []
         for c in range(num_chunks):
             with np.load(_chunk_path(paths["partial"], c)) as z:
-                chunks.append({k: z[k] for k in z.files})
+                chunks.append({k: z[k] for k in z.files if not k.startswith("cache_")})
         samples = np.concatenate([c["window_scores"] for c in chunks])
         documents = _document_scores(chunks, len(windows.doc_lengths))
         header = S.write_sidecar(prefix, samples, documents, {k: v for k, v in config.items() if k != "dataset"})
+        if args.cache_topk:
+            _write_cache(args, meta, tokenizer, prefix, seq_length, arch.vocab_size, n,
+                         [_chunk_path(paths["partial"], c) for c in range(num_chunks)])
         shutil.rmtree(paths["partial"])
         print(f"scored {n} windows of {seq_length} tokens and {documents.shape[0]} documents of {prefix} with "
               f"{meta['path']} (top-{args.score_topk}); sidecar {paths['header']}")
     torch.distributed.barrier()
     return header
+
+
+def _write_cache(args, meta, tokenizer, prefix: str, seq_length: int, vocab_size: int, n: int, chunk_files) -> None:
+    """The teacher cache of every window, from the rows the scoring pass kept (``cache-teacher --windows all``)."""
+    from salt_megatron.cache_teacher import cache_header, write_from_chunks
+    from salt_megatron.data.teacher_cache import default_cache_path
+
+    windows = np.arange(n, dtype=np.int64)
+    path = args.cache_path or default_cache_path(prefix)
+    header = cache_header(meta, tokenizer, prefix, seq_length=seq_length, seed=args.seed, topk=args.cache_topk,
+                          temperature=args.cache_temperature, vocab_size=vocab_size, windows=windows, selection="all")
+    write_from_chunks(path, windows, chunk_files, header, key="cache_")
+    print(f"and the teacher cache of those windows (top-{args.cache_topk} at τ={args.cache_temperature}): {path}.json")
 
 
 def main(argv=None) -> None:

@@ -121,6 +121,15 @@ def test_the_cache_holds_the_teachers_top_k_and_resumes_byte_identical(corpus, t
     run_workers(_cache_worker, 1, _argv(corpus, teacher_dir, path, "--windows", "all"))
     assert {name: open(p, "rb").read() for name, p in cache_paths(path).items() if os.path.isfile(p)} == files
     assert not os.path.exists(cache_paths(path)["partial"])
+    # `score --cache-topk` writes the same cache from its own teacher pass
+    from tests.test_scoring import _copy_dataset, _score_worker
+
+    copy = _copy_dataset(corpus + "_train", tmp_path / "scored")
+    run_workers(_score_worker, 1, ["--load", teacher_dir, "--data-path", copy, "--no-progress", "--seq-length", "32",
+                                   "--micro-batch-size", "4", "--score-chunk-windows", "8", "--cache-topk", "8",
+                                   "--cache-path", str(tmp_path / "from_score")])
+    assert {name: open(p, "rb").read() for name, p in cache_paths(str(tmp_path / "from_score")).items()
+            if os.path.isfile(p)} == files
 
     # the rows are the teacher's own top-K of those windows
     windows = [0, 5, header["num_windows"] - 1]
