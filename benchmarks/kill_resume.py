@@ -89,7 +89,8 @@ def check_prepare(text, reference, reference_files, work, kills, rng, timing) ->
             for p in prepared_files(prefix) if not p.endswith(".json"))
         failures += not same
         if not same:
-            print(f"  prepare kill {k}: the rerun differs from an uninterrupted prepare ({done.get('stderr', '')[-300:]})")
+            print(f"  prepare kill {k}: the rerun differs from an uninterrupted prepare "
+                  f"({done.get('stderr', '')[-300:]})")
     return kills, failures
 
 

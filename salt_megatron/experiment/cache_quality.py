@@ -98,7 +98,8 @@ def write_cache_report(report_dir: str, *, p: dict, n_kd: int, teacher: dict, re
                  if (v, s) in by else "—" for v in VARIANTS]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines += ["", "## Paired difference to the online teacher's student (cached − online, same seed)", "",
-              "| cache | mean | 95% CI | p (t-test) | verdict | |KD − KD online| at step 0 |", "|---|---|---|---|---|---|"]
+              "| cache | mean | 95% CI | p (t-test) | verdict | |KD − KD online| at step 0 |",
+              "|---|---|---|---|---|---|"]
     for k in KS:
         name = f"cache_k{k}"
         pairs = [s for s in seeds if (name, s) in by and ("online", s) in by]

@@ -32,8 +32,9 @@ GROUPS = {  # group -> (the override flag's dest, the record's keys)
                                                      "lr_decay_style", "weight_decay")),
 }
 # how a record key is named to the user: the flag that sets it
-FLAG = {"teacher_fingerprint": "--teacher-load / --teacher-cache (the teacher's weights)", "train_data": "the training data",
-        "valid_data": "the validation data", "score_sidecar": "the score sidecar (--kd-scored-data-path)"}
+FLAG = {"teacher_fingerprint": "--teacher-load / --teacher-cache (the teacher's weights)",
+        "train_data": "the training data", "valid_data": "the validation data",
+        "score_sidecar": "the score sidecar (--kd-scored-data-path)"}
 
 
 def _flag(key: str) -> str:

@@ -243,7 +243,8 @@ def _with_cached_teacher(args, inputs: Inputs, salt: SaltConfig, train, selectio
                         first_sample=first, global_batch_size=gbs)
     h = cache.header
     writer.message(f"teacher cache: {cache.path} (top-{h['topk']} at τ={h['temperature']}, {h['num_windows']} "
-                   f"windows, teacher {h['teacher_checkpoint']} step {h['teacher_step']}): the KD phase runs no teacher")
+                   f"windows, teacher {h['teacher_checkpoint']} step {h['teacher_step']}): the KD phase runs no "
+                   "teacher")
     return CachedTeacherSamples(source, window_of, cache)
 
 
