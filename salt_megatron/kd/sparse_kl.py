@@ -31,7 +31,9 @@ collectives: a MAX of ``[N, 2]`` (rest max, max of the owned top-K logits; m is 
 (``[N, 6]`` at τ ≠ 1): the rest sums rescaled to the global m_r (a shard of padding or top-K only adds 0), E,
 Σ_owned p_k (log p_k - (s_k - m)/τ), the label's s - m, and at τ ≠ 1 the same two sums at τ = 1.  The teacher side
 (P, r, p_k) is on every rank.  Backward is local: the saved row statistics give q, q̃ and softmax(s) on each shard.
-Memory: rows go in chunks (``torch_kernels``' budget); forward and backward hold two chunk-sized fp32 temporaries.
+Memory: rows go in chunks (``torch_kernels``' budget); forward holds two chunk-sized fp32 temporaries, backward one
+(two at τ ≠ 1), and reads the logits once (twice at τ ≠ 1): outside the top K, q_v = q_r·q̃_v, so the gradient
+there is q̃_v times one number per row.
 """
 
 from __future__ import annotations
@@ -144,27 +146,29 @@ class _SparseKDAndCE(torch.autograd.Function):
         m, log_sum, log_sum_1, m_rest, log_sum_rest, p_plus_r, r = (x[:, None] for x in row_stats.unbind(1))
         g_t = g[:, None] * inv_t
         coef_q = g_t * p_plus_r + (h[:, None] if tau_one else 0.0)  # at τ = 1 the CE's softmax is q
-        # the sparse corrections: -g·p_k/τ at the owned top-K columns, -h at the owned label (the rest: spare column)
-        corrections = torch.cat((-g_t * p, -h[:, None]), dim=1)
+        # outside the top K, q_v = q_r·q̃_v: the gradient coef_q·q_v - g·r·q̃_v/τ is q̃_v times a per-row number, so
+        # one exp per column (q̃ relative to the rest's own max and sum: no underflow where q_r is tiny)
+        q_r = ((m_rest - m) * inv_t + log_sum_rest - log_sum).exp()
+        rest_coef = coef_q * q_r - g_t * r
         partial = row_index is not None or w < student.shape[1]  # skipped rows and padding columns stay 0
         grad = torch.zeros_like(student) if partial else torch.empty_like(student)
         for lo, hi in _row_chunks(n, w + 1, student.device):
             rows = _chunk_rows(student, row_index, lo, hi, w)
             acc = _with_spare_column(rows, w, compute, -_INF)
-            acc.sub_(m[lo:hi]).mul_(inv_t).sub_(log_sum[lo:hi]).exp_().mul_(coef_q[lo:hi])  # spare column: 0
-            scratch = _with_spare_column(rows, w, compute, -_INF)
-            scratch.scatter_(1, local_ids[lo:hi, :k], -_INF)  # q̃ lives on the rest set only
-            scratch.sub_(m_rest[lo:hi]).mul_(inv_t).sub_(log_sum_rest[lo:hi]).exp_()
-            acc.sub_(scratch.mul_(g_t[lo:hi] * r[lo:hi]))
-            if not tau_one:
-                scratch[:, :w].copy_(rows)
-                acc[:, :w].add_(scratch[:, :w].sub_(m[lo:hi]).sub_(log_sum_1[lo:hi]).exp_().mul_(h[lo:hi, None]))
-            acc.scatter_add_(1, local_ids[lo:hi], corrections[lo:hi])
+            ids = local_ids[lo:hi]
+            # the top-K columns from their own logits: coef_q·q_k - g·p_k/τ (not owned: the spare column, dropped)
+            q_k = acc.gather(1, ids[:, :k]).sub_(m[lo:hi]).mul_(inv_t).sub_(log_sum[lo:hi]).exp_()
+            top = q_k.mul_(coef_q[lo:hi]).sub_(g_t[lo:hi] * p[lo:hi])
+            acc.sub_(m_rest[lo:hi]).mul_(inv_t).sub_(log_sum_rest[lo:hi]).exp_().mul_(rest_coef[lo:hi])
+            acc.scatter_(1, ids[:, :k], top)
+            if not tau_one:  # the CE's softmax at τ = 1, from a second read
+                acc[:, :w].add_(rows.to(compute).sub(m[lo:hi]).sub_(log_sum_1[lo:hi]).exp_().mul_(h[lo:hi, None]))
+            acc.scatter_add_(1, ids[:, k:], -h[lo:hi, None])  # the CE's -1 at the label (owned)
             if row_index is None:
                 grad[lo:hi, :w].copy_(acc[:, :w])
             else:
                 grad[:, :w].index_copy_(0, row_index[lo:hi], acc[:, :w].to(student.dtype))
-            del acc, scratch
+            del acc
         return grad, None, None, None, None, None, None, None
 
 
