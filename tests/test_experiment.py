@@ -54,11 +54,22 @@ def test_summarise_pairs_each_variant_with_the_baseline_of_its_seed():
     assert salt.paired_diff["val_loss_shakespeare"] == pytest.approx([0.1, -0.2])
     assert salt.reach_fraction["val_loss"][0] == pytest.approx(25 / 30)
     assert salt.reach_fraction["val_loss"][1] is None
-    # 10 teacher steps of 2 s + 15 plain steps of 1 s to reach it; the baseline takes 30 s in all
+    # 10 teacher steps of 2 s + 15 plain steps of 1 s to reach it; the baseline takes 30 plain steps of 1 s
     assert salt.time_to_baseline_s[0] == pytest.approx(35.0)
     assert salt.saved_fraction[0] == pytest.approx(1 - 35 / 30)
     assert salt.kd_step_s == 2.0 and salt.lm_step_s == 1.0
     assert s["baseline"].paired_diff["val_loss"] == [0.0, 0.0]
+
+
+def test_time_saved_is_measured_within_the_variants_own_run():
+    """A run on a machine twice as loaded (every step 2x) saves the same share: the baseline's 30 plain steps are
+    timed in the variant's own run; RKD, without plain steps, takes its baseline's."""
+    base = _result("baseline", 1, [8, 6, 5, 4.0], [9, 7, 6, 5.0], [1.0] * 30)
+    slow = _result("salt", 1, [8, 5.5, 4.5, 3.5], [9, 7, 6, 5.1], [4.0] * 10 + [2.0] * 20, teacher_steps=10)
+    rkd = _result("rkd", 1, [8, 5.5, 4.5, 3.5], [9, 7, 6, 5.1], [1.5] * 30, teacher_steps=30)
+    s = analysis.summarise([base, slow, rkd], iters=30)
+    assert s["salt"].saved_fraction[0] == pytest.approx(1 - 70 / 60)  # 10 x 4 s + 15 x 2 s vs 30 x 2 s
+    assert s["rkd"].saved_fraction[0] == pytest.approx(1 - 25 * 1.5 / 30)
 
 
 def test_step_times_are_per_kind_medians():

@@ -61,6 +61,20 @@ def train_seconds(result: dict) -> float:
     return float(step_seconds(result).sum())
 
 
+def plain_step_seconds(result: dict, baseline: dict) -> float:
+    """The median step time without the teacher, from ``result`` itself when it has such steps, else from its
+    baseline (RKD).
+
+    A whole baseline run costs ``iters`` of these: measuring it in the same run as the KD steps keeps the time saved
+    a comparison within one run, which the load on a shared machine (different for each run) cannot decide.
+    """
+    for r in (result, baseline):
+        plain = [t["step_time_s"] for t in r["train"] if not t["teacher_ran"]]
+        if plain:
+            return float(np.median(plain))
+    raise ValueError("no step without the teacher in the run or its baseline")
+
+
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation (nan for one value)."""
     v = np.asarray(list(values), dtype=float)
@@ -81,7 +95,7 @@ class VariantSummary:
     kd_step_s: float  # median step time while the teacher runs (nan if never)
     lm_step_s: float  # median step time without the teacher
     time_to_baseline_s: list  # per paired seed: training seconds until the baseline's final loss (None: not reached)
-    saved_fraction: list  # per paired seed: 1 - time_to_baseline / baseline's training time (None: not reached)
+    saved_fraction: list  # per paired seed: 1 - time_to_baseline / (iters plain steps of this run; None: not reached)
 
 
 def summarise(results: list[dict], iters: int) -> dict[str, VariantSummary]:
@@ -111,7 +125,7 @@ def summarise(results: list[dict], iters: int) -> dict[str, VariantSummary]:
             else:
                 t = train_seconds_until(runs[s], fraction * iters)
                 times.append(t)
-                saved.append(1.0 - t / train_seconds(baselines[s]))
+                saved.append(1.0 - t / (iters * plain_step_seconds(runs[s], baselines[s])))
         kd_steps = [t["step_time_s"] for s in seeds for t in runs[s]["train"] if t["teacher_ran"]]
         lm_steps = [t["step_time_s"] for s in seeds for t in runs[s]["train"] if not t["teacher_ran"]]
         out[name] = VariantSummary(

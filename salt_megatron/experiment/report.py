@@ -193,7 +193,9 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
         "",
         f"Training time is the sum of the step times, teacher forward included during KD and evaluation excluded; "
         "each step counts as the run's median step time of its kind (with or without the teacher), so other load on "
-        "the machine during a stretch of one run does not decide a comparison.  "
+        "the machine during a stretch of one run does not decide a comparison.  The time saved compares a variant "
+        "with the baseline's number of plain steps timed in the variant's own run (RKD, which has none, takes the "
+        "baseline's), so it does not depend on how loaded the machine was during each run.  "
         f"Median step: baseline {base.lm_step_s * 1e3:.0f} ms; with the teacher running "
         + ", ".join(f"{v} {s[v].kd_step_s * 1e3:.0f} ms" for v in variants if v in s and
                     math.isfinite(s[v].kd_step_s)) + ".  "
