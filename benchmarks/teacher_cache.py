@@ -3,7 +3,8 @@
 
 1. Size: bytes per token of a cache for K = 16, 64, 256 against the dense fp16 logits it replaces.
 2. Writing: the cache's throughput (teacher forward + top-K + copy to the host, per token) ÷ the teacher's forward
-   alone on the same windows and batches (target >= 0.9); alternated, medians; and the whole command's wall time.
+   alone on the same windows and batches (target >= 0.9); alternated, medians; again with a wider teacher (4x512)
+   at the same vocabulary; and the whole command's wall time.
 3. Training: the KD-phase step reading the cache (K = 64) ÷ the baseline step (target <= 1.02), and the online
    teacher's KD-phase step for comparison; real ``pretrain`` runs, alternated, ratios of median step times.
 
@@ -29,6 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_overhead import MBS, SEQ, STUDENT, TEACHER, VOCAB, _flags  # noqa: E402  (the same shapes)
 
 KS = (16, 64, 256)
+# the same vocabulary and sequence with a teacher of a real model's proportions (hidden 512, not 128): the top-K and
+# the log-sum-exp cost the same per token, the forward ~16x more
+WIDE_TEACHER = dict(num_layers=4, hidden_size=512, num_attention_heads=8)
 
 
 def _throughput_worker(teacher_dir: str, prefix: str, batches: int, repeats: int) -> dict:
@@ -78,26 +82,41 @@ def _throughput_worker(teacher_dir: str, prefix: str, batches: int, repeats: int
     return {name: tokens / statistics.median(s) for name, s in seconds.items()}
 
 
+def _writing(args, teacher_dir: str, wide_dir: str, prefix: str):
+    from tests.dist_utils import run_workers
+
+    rates, = run_workers(_throughput_worker_entry, 1, teacher_dir, prefix, args.forward_batches, args.repeats)
+    wide_rates, = run_workers(_throughput_worker_entry, 1, wide_dir, prefix, max(2, args.forward_batches // 4),
+                              args.repeats)
+    for label, shape, r in (("teacher", TEACHER, rates), ("wider teacher", WIDE_TEACHER, wide_rates)):
+        for k in KS:
+            print(f"cache writing, {label} {shape['num_layers']}x{shape['hidden_size']}, K = {k:3d}: "
+                  f"{r[f'cache_k{k}']:.0f} tok/s vs its forward alone {r['forward']:.0f} tok/s: "
+                  f"{r[f'cache_k{k}'] / r['forward']:.3f} (target >= 0.9)")
+    return rates, wide_rates
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per pretrain run (after 3 warm-up steps)")
     ap.add_argument("--repeats", type=int, default=2, help="alternated rounds (pretrain runs and throughput)")
     ap.add_argument("--forward-batches", type=int, default=16, help="micro-batches per throughput measurement")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--skip-writing", action="store_true", help="measure the training steps only")
     args = ap.parse_args()
 
     from salt_megatron.data.corpora import prepare_sotu
     from salt_megatron.data.teacher_cache import bytes_per_token
     from salt_megatron.training.loop import main_returning
-    from tests.dist_utils import run_workers
 
     work = args.workdir or tempfile.mkdtemp(prefix="salt_teacher_cache_")
     prefix = prepare_sotu(work, VOCAB)
     common = ["--data-path", prefix, "--seq-length", str(SEQ), "--micro-batch-size", str(MBS), "--eval-iters", "1",
               "--log-interval", "1000"]
-    teacher_dir = os.path.join(work, "teacher")
-    if not os.path.exists(os.path.join(teacher_dir, "latest_checkpointed_iteration.txt")):
-        main_returning([*common, *_flags(TEACHER), "--train-iters", "3", "--save", teacher_dir])
+    teacher_dir, wide_dir = os.path.join(work, "teacher"), os.path.join(work, "teacher_wide")
+    for directory, shape in ((teacher_dir, TEACHER), (wide_dir, WIDE_TEACHER)):
+        if not os.path.exists(os.path.join(directory, "latest_checkpointed_iteration.txt")):
+            main_returning([*common, *_flags(shape), "--train-iters", "3", "--save", directory])
 
     print(f"shapes: student {STUDENT}, teacher {TEACHER}, seq {SEQ}, micro batch {MBS}, vocab {VOCAB}")
     sizes = {k: bytes_per_token(k) for k in KS}
@@ -105,10 +124,9 @@ def main():
         print(f"K = {k:3d}: {b} bytes per token | dense fp16 logits: {2 * VOCAB} (V = {VOCAB}, {2 * VOCAB / b:.0f}x), "
               f"{2 * 32768} (V = 32k, {2 * 32768 / b:.0f}x), {2 * 131072} (V = 128k, {2 * 131072 / b:.0f}x)")
 
-    rates, = run_workers(_throughput_worker_entry, 1, teacher_dir, prefix, args.forward_batches, args.repeats)
-    for k in KS:
-        print(f"cache writing, K = {k:3d}: {rates[f'cache_k{k}']:.0f} tok/s vs the teacher's forward alone "
-              f"{rates['forward']:.0f} tok/s: {rates[f'cache_k{k}'] / rates['forward']:.3f} (target >= 0.9)")
+    rates = wide_rates = None
+    if not args.skip_writing:
+        rates, wide_rates = _writing(args, teacher_dir, wide_dir, prefix)
 
     iters = args.steps + 3
     cache_path = os.path.join(work, "cache_k64")
@@ -117,7 +135,10 @@ def main():
            "--micro-batch-size", str(MBS), "--cache-path", cache_path, "--no-progress"]
     if not os.path.exists(cache_path + ".json"):
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        # a fresh process group of its own: not the rendezvous this process's workers left in the environment
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
         print(f"cache-teacher (K = 64, {iters * MBS} windows, {iters * MBS * SEQ} tokens): "
               f"{time.perf_counter() - start:.1f} s for the whole command, process start included")
 
@@ -137,7 +158,7 @@ def main():
           f"({result['cached'] / 1e3 / base:.3f}x, target <= 1.02)")
     print(json.dumps({"step_ms": result, "cached_over_baseline": result["cached"] / 1e3 / base,
                       "online_over_baseline": result["online"] / 1e3 / base, "bytes_per_token": sizes,
-                      "write_tok_s": rates, "steps_per_run": args.steps, "repeats": args.repeats}))
+                      "write_tok_s": rates, "write_tok_s_wide_teacher": wide_rates, "steps_per_run": args.steps, "repeats": args.repeats}))
 
 
 def _throughput_worker_entry(rank, world_size, *args):

@@ -31,9 +31,11 @@ collectives: a MAX of ``[N, 2]`` (rest max, max of the owned top-K logits; m is 
 (``[N, 6]`` at τ ≠ 1): the rest sums rescaled to the global m_r (a shard of padding or top-K only adds 0), E,
 Σ_owned p_k (log p_k - (s_k - m)/τ), the label's s - m, and at τ ≠ 1 the same two sums at τ = 1.  The teacher side
 (P, r, p_k) is on every rank.  Backward is local: the saved row statistics give q, q̃ and softmax(s) on each shard.
-Memory: rows go in chunks (``torch_kernels``' budget); forward holds two chunk-sized fp32 temporaries, backward one
-(two at τ ≠ 1), and reads the logits once (twice at τ ≠ 1): outside the top K, q_v = q_r·q̃_v, so the gradient
-there is q̃_v times one number per row.
+Memory: rows go in chunks (1 MiB on the CPU, ``torch_kernels``' budget on CUDA); forward holds one chunk-sized fp32
+temporary, reused by every chunk (two at τ ≠ 1),
+backward one (two at τ ≠ 1; none without TP, skipped rows or low-precision logits: each chunk is computed where it
+lands in the gradient), and reads the logits once (twice at τ ≠ 1): outside the top K, q_v = q_r·q̃_v, so the
+gradient there is q̃_v times one number per row.
 """
 
 from __future__ import annotations
@@ -54,12 +56,37 @@ def _chunk_rows(student, row_index, lo, hi, w):
     return student[:, :w].index_select(0, row_index[lo:hi])
 
 
-def _with_spare_column(rows, w, compute, fill):
-    """A fp32/fp64 copy of ``rows`` with one extra column: ids a shard does not own point at it (no branch, no sync)."""
-    buf = torch.empty(rows.shape[0], w + 1, dtype=compute, device=rows.device)
-    buf[:, :w].copy_(rows)
-    buf[:, w] = fill
-    return buf
+# CPU chunks of 1 MiB (fp32): a buffer that stays in cache and is allocated once per call.  Logits-sized temporaries
+# cost more in first-touch page faults than in arithmetic on the CPU (measured in a training step: 2x slower copies)
+_CPU_CHUNK_ELEMENTS = 1 << 18
+
+
+def _chunks(num_rows: int, width: int, device: torch.device):
+    if device.type == "cuda":
+        yield from _row_chunks(num_rows, width, device)
+        return
+    step = max(1, _CPU_CHUNK_ELEMENTS // max(width, 1))
+    for start in range(0, num_rows, step):
+        yield start, min(num_rows, start + step)
+
+
+class _Scratch:
+    """One fp32/fp64 buffer reused by every chunk of a call, ``columns`` wide."""
+
+    def __init__(self, columns: int, compute: torch.dtype, device: torch.device):
+        self.columns, self.compute, self.device, self.buf = columns, compute, device, None
+
+    def filled(self, rows: torch.Tensor, spare: bool) -> torch.Tensor:
+        """A copy of ``rows`` in compute precision; with ``spare``, one more column of -inf after the real ones, where
+        ids a shard does not own point (no branch, no sync)."""
+        n, w = rows.shape
+        if self.buf is None or self.buf.shape[0] < n:
+            self.buf = torch.empty(n, self.columns, dtype=self.compute, device=self.device)
+        out = self.buf[:n, :w + 1] if spare else self.buf[:n, :w]
+        out[:, :w].copy_(rows)
+        if spare:
+            out[:, w] = -_INF
+        return out
 
 
 def _finite_or(x, fallback):
@@ -78,18 +105,23 @@ class _SparseKDAndCE(torch.autograd.Function):
         logit_k = torch.empty(n, k + 1, dtype=compute, device=dev)  # owned top-K and label logits, -inf elsewhere
         rest_max = torch.empty(n, dtype=compute, device=dev)
         rest_sums = torch.empty(n, 1 if tau_one else 2, dtype=compute, device=dev)
-        for lo, hi in _row_chunks(n, w + 1, dev):
-            buf = _with_spare_column(_chunk_rows(student, row_index, lo, hi, w), w, compute, -_INF)
+        spare = tp_group is not None  # without TP every id is owned: no spare column
+        scratch = _Scratch(w + spare, compute, dev)
+        for lo, hi in _chunks(n, w + 1, dev):
+            buf = scratch.filled(_chunk_rows(student, row_index, lo, hi, w), spare)
             logit_k[lo:hi] = buf.gather(1, local_ids[lo:hi])
             buf.scatter_(1, local_ids[lo:hi, :k], -_INF)  # the rest set: top-K columns out
             m_loc = buf.amax(dim=1, keepdim=True)
             rest_max[lo:hi] = m_loc.squeeze(1)
             shifted = buf.sub_(_finite_or(m_loc, torch.zeros_like(m_loc)))  # all -inf: shift by 0, sums are 0
-            e = torch.mul(shifted, inv_t).exp_()
-            rest_sums[lo:hi, 0] = e.sum(dim=1)
-            if not tau_one:  # the CE's sum at τ = 1 from the same read
-                rest_sums[lo:hi, 1] = torch.exp(shifted, out=e).sum(dim=1)
-            del buf, shifted, e
+            if tau_one:  # in place: nothing else reads the shifted logits
+                rest_sums[lo:hi, 0] = shifted.exp_().sum(dim=1)
+            else:
+                e = torch.mul(shifted, inv_t).exp_()
+                rest_sums[lo:hi, 0] = e.sum(dim=1)
+                rest_sums[lo:hi, 1] = torch.exp(shifted, out=e).sum(dim=1)  # the CE's sum at τ = 1, same read
+                del e
+            del shifted
         maxima = torch.stack((rest_max, logit_k[:, :k].amax(dim=1)), dim=1)
         if tp_group is not None and n > 0:  # every TP rank keeps the same rows: skipping is consistent
             torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=tp_group)
@@ -129,7 +161,7 @@ class _SparseKDAndCE(torch.autograd.Function):
         log_sum_rest_safe = torch.where(bucket, log_sum_rest, log_sum)
         row_stats = torch.stack((m, log_sum, log_sum_1, m_rest_safe, log_sum_rest_safe, total_p + r, r), dim=1)
         ctx.save_for_backward(student, local_ids, p, row_index, row_stats)
-        ctx.temperature, ctx.w = temperature, w
+        ctx.temperature, ctx.w, ctx.spare = temperature, w, spare
         if row_index is None:
             return kd, ce
         zeros = torch.zeros(n_all, dtype=compute, device=dev)
@@ -152,10 +184,27 @@ class _SparseKDAndCE(torch.autograd.Function):
         rest_coef = coef_q * q_r - g_t * r
         partial = row_index is not None or w < student.shape[1]  # skipped rows and padding columns stay 0
         grad = torch.zeros_like(student) if partial else torch.empty_like(student)
-        for lo, hi in _row_chunks(n, w + 1, student.device):
+        # without TP, skipped rows or a lower-precision gradient, each chunk is computed where it lands in grad
+        in_place = not ctx.spare and row_index is None and student.dtype == compute
+        scratch = _Scratch(w + 1, compute, student.device)
+        for lo, hi in _chunks(n, w + 1, student.device):
             rows = _chunk_rows(student, row_index, lo, hi, w)
-            acc = _with_spare_column(rows, w, compute, -_INF)
             ids = local_ids[lo:hi]
+            if in_place:
+                acc = grad[lo:hi, :w]
+                q_k = rows.gather(1, ids[:, :k]).sub_(m[lo:hi]).mul_(inv_t).sub_(log_sum[lo:hi]).exp_()
+                top = q_k.mul_(coef_q[lo:hi]).sub_(g_t[lo:hi] * p[lo:hi])
+                if tau_one:  # one read of the logits, written once: exp(s - m_r - log S_r)·rest_coef
+                    torch.sub(rows, m_rest[lo:hi] + log_sum_rest[lo:hi], out=acc).exp_().mul_(rest_coef[lo:hi])
+                else:
+                    torch.sub(rows, m_rest[lo:hi], out=acc).mul_(inv_t).sub_(log_sum_rest[lo:hi]).exp_()
+                    acc.mul_(rest_coef[lo:hi])
+                acc.scatter_(1, ids[:, :k], top)
+                if not tau_one:  # the CE's softmax at τ = 1, from a second read
+                    acc.add_(rows.sub(m[lo:hi]).sub_(log_sum_1[lo:hi]).exp_().mul_(h[lo:hi, None]))
+                acc.scatter_add_(1, ids[:, k:], -h[lo:hi, None])
+                continue
+            acc = scratch.filled(rows, True)
             # the top-K columns from their own logits: coef_q·q_k - g·p_k/τ (not owned: the spare column, dropped)
             q_k = acc.gather(1, ids[:, :k]).sub_(m[lo:hi]).mul_(inv_t).sub_(log_sum[lo:hi]).exp_()
             top = q_k.mul_(coef_q[lo:hi]).sub_(g_t[lo:hi] * p[lo:hi])
@@ -168,7 +217,6 @@ class _SparseKDAndCE(torch.autograd.Function):
                 grad[lo:hi, :w].copy_(acc[:, :w])
             else:
                 grad[:, :w].index_copy_(0, row_index[lo:hi], acc[:, :w].to(student.dtype))
-            del acc
         return grad, None, None, None, None, None, None, None
 
 
@@ -230,7 +278,7 @@ def sparse_kd_and_cross_entropy(student_logits, labels, topk_ids, topk_logprobs,
         if not bool(flat_mask.all()):
             row_index = flat_mask.nonzero().squeeze(-1)
             ids, logprobs, rest = ids.index_select(0, row_index), logprobs.index_select(0, row_index), rest[row_index]
-    # shard columns of the ids this rank owns; the others point at the spare column w (see _with_spare_column)
+    # shard columns of the ids this rank owns; the others point at the spare column w (see _Scratch)
     local = ids - tp_rank * width
     local_ids = torch.where((local >= 0) & (local < w), local, torch.full_like(local, w))
     kd, ce = _SparseKDAndCE.apply(student, local_ids, logprobs, rest, row_index, w, float(temperature), tp_group)
