@@ -158,7 +158,8 @@ def main():
           f"({result['cached'] / 1e3 / base:.3f}x, target <= 1.02)")
     print(json.dumps({"step_ms": result, "cached_over_baseline": result["cached"] / 1e3 / base,
                       "online_over_baseline": result["online"] / 1e3 / base, "bytes_per_token": sizes,
-                      "write_tok_s": rates, "write_tok_s_wide_teacher": wide_rates, "steps_per_run": args.steps, "repeats": args.repeats}))
+                      "write_tok_s": rates, "write_tok_s_wide_teacher": wide_rates, "steps_per_run": args.steps,
+                      "repeats": args.repeats}))
 
 
 def _throughput_worker_entry(rank, world_size, *args):

@@ -130,7 +130,8 @@ CASES = [
         "--save", str(w["student"])], r"already holds checkpoints .*iter_0000002"),
     ("pretrain: resume a baseline as a SALT run", lambda w: _pretrain(w, "--load", str(w["student"]), "--teacher-load",
                                                           w["teacher"], "--kd-steps", "2"),
-     r"SALT schedule: --teacher-load / --teacher-cache \(the teacher's weights\) a model \(checkpoint: none \(no teacher\)\)"),
+     r"SALT schedule: --teacher-load / --teacher-cache \(the teacher's weights\) a model "
+     r"\(checkpoint: none \(no teacher\)\)"),
     ("pretrain: resume with another seed and batch", lambda w: _pretrain(w, "--load", str(w["student"]), "--seed", "7",
                                                                        "--global-batch-size", "4"),
      r"data: --seed 7 \(checkpoint: 1234\); --global-batch-size 4 \(checkpoint: 2\).*--override-data"),

