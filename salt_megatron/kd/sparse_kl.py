@@ -31,11 +31,11 @@ collectives: a MAX of ``[N, 2]`` (rest max, max of the owned top-K logits; m is 
 (``[N, 6]`` at τ ≠ 1): the rest sums rescaled to the global m_r (a shard of padding or top-K only adds 0), E,
 Σ_owned p_k (log p_k - (s_k - m)/τ), the label's s - m, and at τ ≠ 1 the same two sums at τ = 1.  The teacher side
 (P, r, p_k) is on every rank.  Backward is local: the saved row statistics give q, q̃ and softmax(s) on each shard.
-Memory: rows go in chunks (1 MiB on the CPU, ``torch_kernels``' budget on CUDA); forward holds one chunk-sized fp32
-temporary, reused by every chunk (two at τ ≠ 1),
-backward one (two at τ ≠ 1; none without TP, skipped rows or low-precision logits: each chunk is computed where it
-lands in the gradient), and reads the logits once (twice at τ ≠ 1): outside the top K, q_v = q_r·q̃_v, so the
-gradient there is q̃_v times one number per row.
+Memory: rows go in chunks (1 MiB on the CPU, ``torch_kernels``' budget on CUDA).  Forward holds one chunk-sized
+fp32 temporary, reused by every chunk (two at τ ≠ 1).  Backward holds one as well (two at τ ≠ 1), or none without
+TP, skipped rows or low-precision logits, where each chunk is computed where it lands in the gradient.  Each pass
+reads the logits once (twice at τ ≠ 1): outside the top K, q_v = q_r·q̃_v, so the gradient there is q̃_v times one
+number per row.
 """
 
 from __future__ import annotations
