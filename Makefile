@@ -36,7 +36,7 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	$(PY) -m salt_megatron.cli demo --full --out demo_out_full
 
-# the reproduction report (docs/experiment/): baselines, ablations, paired seeds; ~1.5 h on 2 cores (quick: ~8 min)
+# the reproduction report (docs/experiment/): baselines, ablations, paired seeds; ~100 min on 2 cores (quick: ~23 min)
 experiment: $(STAMP)
 	$(PY) -m salt_megatron.cli experiment --out experiment_out --report-dir docs/experiment
 

@@ -217,7 +217,7 @@ def write_report(report_dir: str, *, preset_name: str, preset: dict, variants: d
         "",
         "`make experiment` (= `salt-megatron experiment --out experiment_out --report-dir docs/experiment`) reruns "
         "everything; finished runs are skipped (their `result.json` sits beside each checkpoint under "
-        "`experiment_out/runs/VARIANT-seedN/`), so a killed experiment resumes.  `--quick` is the 8-minute preset "
+        "`experiment_out/runs/VARIANT-seedN/`), so a killed experiment resumes.  `--quick` is the smaller preset "
         "(teacher on the student's budget); `--report-only` rewrites this file from the finished runs.",
         "",
         "Per-seed final losses (SOTU held-out years):",
