@@ -99,17 +99,11 @@ def teacher_topk(logits: torch.Tensor, *, k: int, temperature: float, vocab_size
 
 def build_parser() -> argparse.ArgumentParser:
     from salt_megatron.data.blend import add_subset_arg
-    from salt_megatron.training.arguments import add_data_args, add_parallel_args
+    from salt_megatron.training.arguments import add_trained_model_args
     from salt_megatron.training.salt_arguments import add_selection_args
 
     p = ArgumentParser(prog="salt-megatron cache-teacher", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None)
-    p.add_argument("--load", required=True, help="the trained SLM's checkpoint directory (salt_megatron's or "
-                   "Megatron-LM's torch_dist)")
-    p.add_argument("--model-config", default=None, metavar="YAML",
-                   help="a Megatron-LM checkpoint without readable args: its Megatron-LM model flags")
-    add_data_args(p)
-    add_parallel_args(p)
+    add_trained_model_args(p, "the trained SLM's checkpoint directory")
     add_subset_arg(p, "train")
     add_selection_args(p)
     p.add_argument("--cache-path", default=None, metavar="PATH",

@@ -12,7 +12,7 @@ from salt_megatron.kd import salt_loss, vocab_parallel_kl_div
 from salt_megatron.kd.token_weights import TokenCorrectness, normalised_weights
 from tests.conftest import STUDENT, pretrain
 from tests.dist_utils import run_workers
-from tests.kd_cases import fused_kernels_on, make_logits
+from tests.kd_cases import CountingAllReduce, fused_kernels_on, make_logits
 
 SHAPE, VOCAB = (3, 5, 24), 21  # the last 3 columns are padding
 MODES = [("teacher_top1", 1), ("teacher_topk", 4), ("teacher_prob", 1)]
@@ -45,25 +45,14 @@ def _measure(student, teacher, labels, mask, mode, k, tau, impl, tp_group=None):
 
 def _tp_worker(rank, world_size, student, teacher, labels, mask, cases):
     torch.distributed.init_process_group("gloo")
-    collectives = []
-    real_all_reduce = torch.distributed.all_reduce
-
-    def counting_all_reduce(tensor, *args, **kwargs):
-        collectives.append(tuple(tensor.shape))
-        return real_all_reduce(tensor, *args, **kwargs)
-
-    torch.distributed.all_reduce = counting_all_reduce
     out = []
-    try:
-        w = teacher.shape[-1] // world_size
-        cols = slice(rank * w, (rank + 1) * w)
-        for mode, k, tau in cases:
-            collectives.clear()
+    w = teacher.shape[-1] // world_size
+    cols = slice(rank * w, (rank + 1) * w)
+    for mode, k, tau in cases:
+        with CountingAllReduce() as counter:
             answer = _measure(student[..., cols], teacher[..., cols], labels, mask, mode, k, tau, "torch",
                               torch.distributed.group.WORLD)
-            out.append((answer, list(collectives)))
-    finally:
-        torch.distributed.all_reduce = real_all_reduce
+        out.append((answer, [shape for _, shape in counter.calls]))
     return out
 
 

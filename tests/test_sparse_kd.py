@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from salt_megatron.kd import torch_kernels, vocab_parallel_kl_div
 from salt_megatron.kd.sparse_kl import sparse_kd_and_cross_entropy
 from tests.dist_utils import run_workers
+from tests.kd_cases import CountingAllReduce
 
 NEG_INF = float("-inf")
 
@@ -194,25 +195,14 @@ def _tp_inputs(case):
 
 def _tp_worker(rank, world_size, cases):
     torch.distributed.init_process_group("gloo")
-    calls = []
-    real_all_reduce = torch.distributed.all_reduce
-
-    def counting_all_reduce(tensor, *args, **kwargs):
-        calls.append(tuple(tensor.shape))
-        return real_all_reduce(tensor, *args, **kwargs)
-
-    torch.distributed.all_reduce = counting_all_reduce
     results = []
-    try:
-        for case in cases:
-            student, labels, ids, top, rest, mask, grads = _tp_inputs(case)
-            w = student.shape[-1] // world_size
-            calls.clear()
+    for case in cases:
+        student, labels, ids, top, rest, mask, grads = _tp_inputs(case)
+        w = student.shape[-1] // world_size
+        with CountingAllReduce() as counter:
             got = run_sparse(student[..., rank * w:(rank + 1) * w], labels, ids, top, rest, case[0], case[2], grads,
                              tp_group=torch.distributed.group.WORLD, loss_mask=mask)
-            results.append((got, list(calls)))
-    finally:
-        torch.distributed.all_reduce = real_all_reduce
+        results.append((got, [shape for _, shape in counter.calls]))
     return results
 
 

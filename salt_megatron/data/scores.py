@@ -107,20 +107,30 @@ def blend_sidecar_hash(headers: list, weights) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_sidecar(prefix: str, *, seq_length: int | None = None, check_dataset: bool = True):
-    """Header and memory-mapped arrays; refuses a sidecar of another dataset or another sequence length."""
-    paths = sidecar_paths(prefix)
+def read_header(paths: dict, *, what: str, interrupted: str, absent: str, damaged: str, magic: str, version: int,
+                mismatch: type) -> dict:
+    """The JSON header of a file set whose header is written last (``paths``: ``header`` and ``partial``).  Absent:
+    :class:`MissingFile` with the ``interrupted`` hint when a partial write exists, else the ``absent`` one;
+    unreadable (``damaged`` says what to do) or another format: ``mismatch``."""
     if not os.path.isfile(paths["header"]):
-        hint = " (scoring was interrupted: rerun `salt-megatron score` to finish it)" \
-            if os.path.isdir(paths["partial"]) else " (run `salt-megatron score` first)"
-        raise MissingFile(f"no SALT score sidecar {paths['header']}{hint}")
+        hint = interrupted if os.path.isdir(paths["partial"]) else absent
+        raise MissingFile(f"no {what} {paths['header']} ({hint})")
     try:
         with open(paths["header"]) as f:
             header = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SidecarMismatch(f"{paths['header']} is not valid JSON ({e}): rerun `salt-megatron score`") from None
-    if not isinstance(header, dict) or header.get("magic") != MAGIC or header.get("version") != VERSION:
-        raise SidecarMismatch(f"{paths['header']} is not a salt_megatron score sidecar of version {VERSION}")
+        raise mismatch(f"{paths['header']} is not valid JSON ({e}): {damaged}") from None
+    if not isinstance(header, dict) or header.get("magic") != magic or header.get("version") != version:
+        raise mismatch(f"{paths['header']} is not a salt_megatron {what.removeprefix('SALT ')} of version {version}")
+    return header
+
+
+def load_sidecar(prefix: str, *, seq_length: int | None = None, check_dataset: bool = True):
+    """Header and memory-mapped arrays; refuses a sidecar of another dataset or another sequence length."""
+    paths = sidecar_paths(prefix)
+    header = read_header(paths, what="SALT score sidecar", absent="run `salt-megatron score` first",
+                         interrupted="scoring was interrupted: rerun `salt-megatron score` to finish it",
+                         damaged="rerun `salt-megatron score`", magic=MAGIC, version=VERSION, mismatch=SidecarMismatch)
     if check_dataset:
         idx_hash = file_sha256(prefix + ".idx")
         if idx_hash != header["idx_sha256"]:

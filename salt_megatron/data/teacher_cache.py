@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import numpy as np
 import torch
 
-from salt_megatron.data.scores import file_sha256
-from salt_megatron.errors import DataError, MissingFile
+from salt_megatron.data.scores import file_sha256, read_header
+from salt_megatron.errors import DataError
 from salt_megatron.files import atomic_files
 
 MAGIC = "SALT_MEGATRON_TEACHER_CACHE"
@@ -92,17 +91,10 @@ class TeacherCache:
 
     def __init__(self, path: str):
         paths = cache_paths(path)
-        if not os.path.isfile(paths["header"]):
-            hint = " (writing it was interrupted: rerun `salt-megatron cache-teacher` to finish it)" \
-                if os.path.isdir(paths["partial"]) else " (write it with `salt-megatron cache-teacher`)"
-            raise MissingFile(f"no teacher cache {paths['header']}{hint}")
-        try:
-            with open(paths["header"]) as f:
-                header = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CacheMismatch(f"{paths['header']} is not valid JSON ({e}): rewrite the cache") from None
-        if not isinstance(header, dict) or header.get("magic") != MAGIC or header.get("version") != VERSION:
-            raise CacheMismatch(f"{paths['header']} is not a salt_megatron teacher cache of version {VERSION}")
+        header = read_header(paths, what="teacher cache",
+                             absent="write it with `salt-megatron cache-teacher`",
+                             interrupted="writing it was interrupted: rerun `salt-megatron cache-teacher` to finish it",
+                             damaged="rewrite the cache", magic=MAGIC, version=VERSION, mismatch=CacheMismatch)
         self.path, self.header = path, header
         try:
             self.arrays = {name: np.load(paths[name], mmap_mode="r") for name in ARRAYS}

@@ -40,6 +40,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
 
 
+def add_trained_model_args(p: argparse.ArgumentParser, load_help: str) -> None:
+    """The flags of a command that reads a trained model and a dataset (score, cache-teacher, evaluate): --config,
+    --load, --model-config, the data and the distributed groups."""
+    p.add_argument("--config", default=None)
+    p.add_argument("--load", required=True, help=f"{load_help} (salt_megatron's or Megatron-LM's torch_dist)")
+    p.add_argument("--model-config", default=None, metavar="YAML",
+                   help="a Megatron-LM checkpoint without readable args: its Megatron-LM model flags")
+    add_data_args(p)
+    add_parallel_args(p)
+
+
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distributed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)

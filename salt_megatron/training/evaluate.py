@@ -21,7 +21,7 @@ from salt_megatron.distributed import compute_device, data_parallel_size, to_dev
 from salt_megatron.kd import salt_loss
 from salt_megatron.model import GPTArchitecture, causal_attention_mask
 from salt_megatron.data.blend import add_subset_arg
-from salt_megatron.training.arguments import add_data_args, add_parallel_args, parse_with_config
+from salt_megatron.training.arguments import add_trained_model_args, parse_with_config
 from salt_megatron.errors import ArgumentParser, DataError
 
 
@@ -109,13 +109,7 @@ def model_fingerprint(model, arch: GPTArchitecture) -> list | None:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="salt-megatron evaluate",
                                 description="Validation loss and perplexity of a checkpoint on an indexed dataset.")
-    p.add_argument("--config", default=None)
-    p.add_argument("--load", required=True, help="checkpoint directory (run dir or one iter_* dir; salt_megatron's or "
-                   "Megatron-LM's torch_dist)")
-    p.add_argument("--model-config", default=None, metavar="YAML",
-                   help="a Megatron-LM checkpoint without readable args: its Megatron-LM model flags")
-    add_data_args(p)
-    add_parallel_args(p)
+    add_trained_model_args(p, "checkpoint directory (run dir or one iter_* dir)")
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--eval-iters", type=int, default=None, help="default: the whole split")
