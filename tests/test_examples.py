@@ -265,7 +265,10 @@ def test_sbatch_passes_slurms_warning_on_and_requeues(tmp_path):
 def test_two_nodes_with_tp_across_them_match_one_node(chain, tmp_path):
     """pretrain_salt_gpt.sh as two "nodes" on this machine (two launchers, NODE_RANK 0 and 1, one process each,
     rendezvous on 127.0.0.1), TP = 2 across them: the same losses as one node with two processes."""
-    common = dict(DATA_PATH=chain["data"], TEACHER=chain["teacher"], TP="2", MASTER_ADDR="127.0.0.1")
+    # one thread per process in both layouts: torchrun sets OMP_NUM_THREADS=1 only for several processes per node,
+    # and another thread count reorders float sums (the losses must match bit for bit)
+    common = dict(DATA_PATH=chain["data"], TEACHER=chain["teacher"], TP="2", MASTER_ADDR="127.0.0.1",
+                  OMP_NUM_THREADS="1")
     one = tmp_path / "one.jsonl"
     _run("pretrain_salt_gpt.sh", _env(chain["work"], **common, SAVE=tmp_path / "one", NNODES="1",
                                       GPUS_PER_NODE="2", EXTRA_ARGS=f"--metrics-file {one}"))
