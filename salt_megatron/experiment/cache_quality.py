@@ -15,6 +15,7 @@ import math
 import os
 import statistics
 
+from salt_megatron.experiment.analysis import is_kd_step, plain_step_seconds
 from salt_megatron.experiment.stages import prepare_data, pretrain_once, run_flags, write_teacher_cache
 from salt_megatron.files import write_text_atomically
 
@@ -104,7 +105,7 @@ def write_cache_report(report_dir: str, *, p: dict, n_kd: int, teacher: dict, re
         size = "—" if k is None else f"{bytes_per_token(k)} (dense fp16: {2 * p['vocab']})"
         lines.append(f"| {name} | {ratio[name]:.3f} | {statistics.median(_kd_step_ms(r) for r in runs):.1f} ms | "
                      f"{statistics.mean(r['wall_s'] for r in runs):.1f} s | {writing} | {size} |")
-    plain_s = statistics.median(_plain_step_s(by[("online", s)]) for s in seeds)
+    plain_s = statistics.median(plain_step_seconds(by[("online", s)], by[("online", s)]) for s in seeds)
     lines += ["", "The wall-clock column includes process start, the teacher's loading, evaluation and whatever else "
               "ran on the machine during that run; the saving below is measured inside each run instead (KD-phase "
               "step ÷ plain step), so load that differs between runs does not enter it."]
@@ -124,27 +125,18 @@ def write_cache_report(report_dir: str, *, p: dict, n_kd: int, teacher: dict, re
     return path
 
 
-def _plain_step_s(result: dict) -> float:
-    from salt_megatron.experiment.analysis import is_kd_step
-
-    return statistics.median(r["step_time_s"] for r in result["train"] if not is_kd_step(r))
-
-
 def _kd_over_plain(result: dict) -> float | None:
     """Median KD-phase step ÷ median plain step, both in this run (None without either kind)."""
-    from salt_megatron.experiment.analysis import is_kd_step
-
     kd = [r["step_time_s"] for r in result["train"] if is_kd_step(r)]
-    plain = [r["step_time_s"] for r in result["train"] if not is_kd_step(r)]
-    return statistics.median(kd) / statistics.median(plain) if kd and plain else None
+    if not kd or all(is_kd_step(r) for r in result["train"]):
+        return None
+    return statistics.median(kd) / plain_step_seconds(result, result)
 
 
 def cache_savings_lines(results: list[dict], caches: dict, plain_step_s: float) -> list[str]:
     """The report's account of ``experiment --teacher-cache-topk``: what the per-seed caches cost, and the training
     time they saved, from the KD-phase/plain step ratios of the runs that read them against those that ran the
     teacher, at ``plain_step_s`` (the baseline's median plain step).  ``caches``: seed → cache-teacher's cost."""
-    from salt_megatron.experiment.analysis import is_kd_step
-
     cached = [r for r in results if "--teacher-cache" in r.get("flags", [])]
     online = [r for r in results if "--teacher-load" in r.get("flags", [])]
     writing = sum(c["seconds"] for c in caches.values())
