@@ -10,7 +10,7 @@
 
 All in this one run, on this machine.
 
-    python benchmarks/teacher_cache.py [--steps 30] [--repeats 2]
+    python benchmarks/teacher_cache.py [--steps 30] [--repeats 2] [--skip-writing | --skip-training]
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def main():
     ap.add_argument("--forward-batches", type=int, default=16, help="micro-batches per throughput measurement")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--skip-writing", action="store_true", help="measure the training steps only")
+    ap.add_argument("--skip-training", action="store_true", help="measure the size and the writing only")
     args = ap.parse_args()
 
     from salt_megatron.data.corpora import prepare_sotu
@@ -127,6 +128,8 @@ def main():
     rates = wide_rates = None
     if not args.skip_writing:
         rates, wide_rates = _writing(args, teacher_dir, wide_dir, prefix)
+    if args.skip_training:
+        return
 
     iters = args.steps + 3
     cache_path = os.path.join(work, "cache_k64")

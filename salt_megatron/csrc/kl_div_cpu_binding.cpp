@@ -77,6 +77,23 @@ void student_grad(const at::Tensor& student, const at::Tensor& teacher, const at
   TORCH_CHECK(rc == 0, "salt_kl_student_grad_cpu failed (", rc, ")");
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_logsumexp(const at::Tensor& logits, int64_t k,
+                                                              double temperature) {
+  check_logits(logits, "logits");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0");
+  TORCH_CHECK(k >= 1 && k <= logits.size(1), "k must be in [1, ", logits.size(1), "], got ", k);
+  const int64_t rows = logits.size(0);
+  at::Tensor values = at::empty({rows, k}, logits.options().dtype(at::kFloat));
+  at::Tensor columns = at::empty({rows, k}, logits.options().dtype(at::kLong));
+  at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kFloat));
+  const int rc = salt_topk_logsumexp_cpu(logits.data_ptr(), logits.stride(0), dtype_code(logits, "logits"), rows,
+                                         logits.size(1), k, static_cast<float>(1.0 / temperature),
+                                         values.data_ptr<float>(), columns.data_ptr<int64_t>(),
+                                         lse.data_ptr<float>(), at::get_num_threads());
+  TORCH_CHECK(rc == 0, "salt_topk_logsumexp_cpu failed (", rc, ")");
+  return {values, columns, lse};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -88,4 +105,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("student"), py::arg("teacher"), py::arg("max_s"), py::arg("log_sum_s"), py::arg("max_t"),
         py::arg("log_sum_t"), py::arg("grad_rows"), py::arg("temperature"), py::arg("out"),
         py::arg("row_index") = py::none(), py::arg("teacher_grad_rows") = py::none());
+  m.def("topk_logsumexp", &topk_logsumexp,
+        "the k largest of logits/τ per row (fp32 values, int64 columns; best first) and log Σ exp(logits/τ)",
+        py::arg("logits"), py::arg("k"), py::arg("temperature"));
 }

@@ -44,6 +44,13 @@ int salt_kl_student_grad_cpu(const void* student, int64_t student_row_stride, in
                              const float* grad_rows, const float* teacher_grad_rows, float inv_temperature,
                              void* out, int64_t out_row_stride, int num_threads);
 
+// ---- CPU (csrc/topk_cpu.cpp): for each of `rows` rows, the k largest of x/τ over the first `width` columns,
+// best first (ties: the lower column first), as fp32 values[r*k + i] and columns[r*k + i], and the row's
+// log Σ exp(x/τ) in log_sum_exp[r] (-inf for a row of -inf).  1 <= k <= width; 0 on success. ----
+int salt_topk_logsumexp_cpu(const void* logits, int64_t row_stride, int dtype, int64_t rows, int64_t width,
+                            int64_t k, float inv_temperature, float* values, int64_t* columns, float* log_sum_exp,
+                            int num_threads);
+
 // ---- CUDA (csrc/kl_div_cuda.cu); every pointer is device memory; `stream` is a cudaStream_t as an integer.
 // Return a cudaError_t as int (0 = cudaSuccess; salt_kl_cuda_error_string() names it); -1 for a bad dtype. ----
 int salt_kl_row_stats_cuda(const void* student, int64_t student_row_stride, int student_dtype,

@@ -47,6 +47,16 @@ class FusedKernels:
             for x in tensors
         )
 
+    def handles_topk(self, logits: torch.Tensor) -> bool:
+        """Whether :meth:`topk_logsumexp` takes these logits (the CPU module has it; the CUDA one leaves it to
+        torch.topk, which is fast there)."""
+        return hasattr(self._module, "topk_logsumexp") and self.handles(logits)
+
+    def topk_logsumexp(self, logits: torch.Tensor, k: int, temperature: float):
+        """The ``k`` largest of ``logits/τ`` per row of ``[rows, width]`` logits (fp32 values and int64 columns,
+        best first, ties to the lower column) and each row's log Σ exp(logits/τ), in one read of the logits."""
+        return self._module.topk_logsumexp(logits, int(k), float(temperature))
+
     def _call(self, fn, device: torch.device, *args):
         if self.device_type == "cuda":
             with torch.cuda.device(device):
