@@ -18,9 +18,10 @@ def kernels():
 
 
 def _reference(x: torch.Tensor, k: int, temperature: float):
-    scaled = x.float() * (1.0 / temperature)  # as the kernel scales: the same fp32 values
+    """x/τ in fp32 (scaled as the kernel scales: the same values), its top k (values, columns) and log-sum-exp."""
+    scaled = x.float() * (1.0 / temperature)
     values, columns = torch.topk(scaled, k, dim=-1)
-    return values, columns, torch.logsumexp(scaled.double(), -1)
+    return scaled, values, columns, torch.logsumexp(scaled.double(), -1)
 
 
 SHAPES_K = [(1, 1, 1), (3, 7, 7), (33, 1000, 3), (64, 4096, 64), (5, 3000, 1), (9, 2500, 2500), (4, 40000, 256),
@@ -33,8 +34,7 @@ SHAPES_K = [(1, 1, 1), (3, 7, 7), (33, 1000, 3), (64, 4096, 64), (5, 3000, 1), (
 def test_fused_top_k_and_log_sum_exp_match_torch(kernels, dtype, rows, width, k, temperature):
     x = make_logits((rows, width), seed=width + k).to(dtype)
     values, columns, lse = kernels.topk_logsumexp(x, k, temperature)
-    ref_values, ref_columns, ref_lse = _reference(x, k, temperature)
-    scaled = x.float() * (1.0 / temperature)
+    scaled, ref_values, ref_columns, ref_lse = _reference(x, k, temperature)
     assert torch.equal(values, ref_values)  # the same k values, best first
     assert torch.equal(scaled.gather(1, columns), values)  # the columns holding them
     assert (columns.sort(-1).values.diff(dim=-1) > 0).all()  # each column once
