@@ -102,8 +102,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="alternated rounds (pretrain runs and throughput)")
     ap.add_argument("--forward-batches", type=int, default=16, help="micro-batches per throughput measurement")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--skip-writing", action="store_true", help="measure the training steps only")
-    ap.add_argument("--skip-training", action="store_true", help="measure the size and the writing only")
+    skip = ap.add_mutually_exclusive_group()
+    skip.add_argument("--skip-writing", action="store_true", help="measure the training steps only")
+    skip.add_argument("--skip-training", action="store_true", help="measure the size and the writing only")
     args = ap.parse_args()
 
     from salt_megatron.data.corpora import prepare_sotu
