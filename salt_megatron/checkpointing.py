@@ -188,6 +188,47 @@ def _unwrap(model):
     return model
 
 
+def _distributed_optimizers(optimizer, *, torch_adam_only: bool = False) -> list:
+    """The megatron-core DistributedOptimizers in ``optimizer``; ``torch_adam_only``: only where they wrap torch's
+    Adam (neither Apex nor TE installed), whose step count megatron-core handles by hand."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if torch_adam_only and getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return []
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(o, distrib_optimizer.DistributedOptimizer)]
+
+
+def _optimizer_layout(optimizer) -> dict:
+    """The distributed optimizer's state layout, as Megatron-LM picks it by default: ``dp_reshardable`` (each rank
+    writes its own shards; megatron-core's default would be a deprecated flattened layout torch_dist refuses).
+    Nothing for the other optimizers, whose layout stays what earlier checkpoints hold."""
+    return {"metadata": {"distrib_optim_sharding_type": "dp_reshardable"}} if _distributed_optimizers(optimizer) else {}
+
+
+def _prime_distributed_optimizer_state(optimizer) -> None:
+    """Without Apex or TE, megatron-core's distributed optimizer reads torch Adam's step count from its state while
+    building the state dict to load into, before any step has made that state: give each parameter the zero state
+    (step 0) that the loaded one then replaces."""
+    for dist_opt in _distributed_optimizers(optimizer, torch_adam_only=True):
+        if dist_opt.init_state_fn is not None:
+            dist_opt.init_state_fn(dist_opt.optimizer, dist_opt.config)
+        for state in dist_opt.optimizer.state.values():
+            state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Without Apex or TE, megatron-core's distributed optimizer restores torch Adam's step count into its param
+    groups only (the per-parameter ``step`` stays what was there before loading, and where it sets one, it is one
+    tensor shared by every parameter, which Adam would advance once per parameter): one tensor each, from the
+    group's restored count."""
+    for dist_opt in _distributed_optimizers(optimizer, torch_adam_only=True):
+        for group in dist_opt.optimizer.param_groups:
+            if "step" in group:
+                for param in group["params"]:
+                    dist_opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
 def _model_sharded_state_dict(model) -> dict:
     return _unwrap(model).sharded_state_dict()
 
@@ -241,7 +282,7 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, meta: dict, writ
         model_sd = _model_sharded_state_dict(model)
         sharded = {"model": model_sd}
         if optimizer is not None:
-            sharded["optimizer"] = optimizer.sharded_state_dict(model_sd)
+            sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, **_optimizer_layout(optimizer))
         dist_checkpointing.save(sharded, tmp)
         if write_extra is not None:
             write_extra(tmp)
@@ -286,11 +327,14 @@ def load_checkpoint(checkpoint_path: str, model, optimizer) -> None:
     model_sd = _model_sharded_state_dict(model)
     sharded = {"model": model_sd}
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        _prime_distributed_optimizer_state(optimizer)
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, **_optimizer_layout(optimizer))
     state = dist_checkpointing.load(sharded, checkpoint_path)
     _unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # the distributed optimizer copies into views of fp32 parameters, which require grad
+            optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_steps(optimizer)
     rng_file = os.path.join(checkpoint_path, "rng", f"rank_{torch.distributed.get_rank():05d}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -76,6 +76,14 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def megatron_fusions(use_transformer_engine: bool) -> dict:
+    """megatron-core's fusion switches: on (Megatron-LM's defaults) under Transformer Engine's layer spec on a GPU,
+    whose fused kernels they select; off otherwise (CUDA-only kernels, or never run without TE on the GPUs here)."""
+    on = bool(use_transformer_engine and torch.cuda.is_available())
+    return dict(bias_activation_fusion=on, masked_softmax_fusion=on, bias_dropout_fusion=on, apply_rope_fusion=on,
+                gradient_accumulation_fusion=on, persist_layer_norm=on)
+
+
 def build_gpt_model(
     arch: GPTArchitecture,
     *,
@@ -85,11 +93,14 @@ def build_gpt_model(
     use_transformer_engine: bool | None = None,
     whole_model: bool = False,
     pg_collection=None,
+    config_overrides: dict | None = None,
 ):
     """A megatron-core ``GPTModel`` for this rank's pipeline stage (parallel_state must be initialised).
 
     ``whole_model=True`` builds every layer on this rank whatever the pipeline size (the teacher lives whole on the
-    last stage); pass ``pg_collection=whole_model_process_groups()`` with it when PP > 1.
+    last stage); pass ``pg_collection=whole_model_process_groups()`` with it when PP > 1.  ``use_transformer_engine``:
+    the layer spec (None: TE where installed with a GPU).  ``config_overrides``: more ``TransformerConfig`` fields
+    (the student's recomputation and sequence parallelism: ``training.performance_arguments``).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -107,6 +118,8 @@ def build_gpt_model(
     if arch.padded_vocab_size % tp:
         raise ValueError(f"padded vocab size {arch.padded_vocab_size} is not divisible by TP={tp}")
     swiglu = arch.activation == "swiglu"
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_available()
     config = TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -129,15 +142,9 @@ def build_gpt_model(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **megatron_fusions(use_transformer_engine),
+        **(config_overrides or {}),
     )
-    if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 

@@ -101,13 +101,15 @@ class Teacher:
     """A frozen GPT model producing vocab-parallel logits for the KD loss."""
 
     def __init__(self, meta: dict, *, params_dtype: torch.dtype, is_last_stage: bool, tp_group,
-                 pg_collection=None):
+                 pg_collection=None, use_transformer_engine: bool | None = None):
         self.meta = meta
         self.arch = GPTArchitecture.from_dict(meta["arch"])
         self.forward_calls = 0
         self.tp_group = tp_group
+        # (either layer spec reads either's checkpoints: megatron-core maps the norm names)
         model = build_gpt_model(self.arch, params_dtype=params_dtype, pre_process=True, post_process=True,
-                                whole_model=True, pg_collection=pg_collection)
+                                whole_model=True, pg_collection=pg_collection,
+                                use_transformer_engine=use_transformer_engine)
         self.model = model
         before = self.probe_fingerprint() if meta["fingerprint"] is None else None  # (collective under TP)
         # collective: every rank loads, then the stages before the last drop it

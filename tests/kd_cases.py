@@ -141,19 +141,20 @@ def check_split_grad(kernels, device, dtype, with_index, tau=1.3, rows=9, width=
     close(out if idx is None else out.index_select(0, idx), expect_half)
 
 
-def check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, omega, impl):
-    """salt_loss at τ = 1 with CE taken from the KD pass (fuse_ce_with_kd=True) against CE and KD computed apart:
-    the same loss, CE, KD and gradient, and no gradient where the mask is 0.  Returns the one-pass loss and gradient
-    (on the CPU, the gradient in float64), the gradient tolerance, and the kernels the one-pass path ran on."""
+def check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, omega, impl, tau=1.0,
+                                   vocab_size=None):
+    """salt_loss with CE taken from the KD pass (fuse_ce_with_kd=True) against CE and KD computed apart: the same
+    loss, CE, KD and gradient, and no gradient where the mask is 0.  Returns the one-pass loss and gradient (on the
+    CPU, the gradient in float64), the gradient tolerance, and the kernels the one-pass path ran on."""
     results, used = [], []
     for fuse in (True, False):
         calls = []
-        apply = kd_loss_module._KLAndCrossEntropy.apply  # its 4th argument is the kernels the pass runs on
-        monkeypatch.setattr(kd_loss_module._KLAndCrossEntropy, "apply",
-                            lambda *a, _f=apply: (calls.append(a[3]), _f(*a))[1])
+        apply = kd_loss_module.KLAndCrossEntropy.apply  # its 8th argument is the kernels the pass runs on
+        monkeypatch.setattr(kd_loss_module.KLAndCrossEntropy, "apply",
+                            lambda *a, _f=apply: (calls.append(a[7]), _f(*a))[1])
         x = student.clone().requires_grad_(True)
-        out = salt_loss(x, labels, teacher, kd_weight=omega, temperature=1.0, loss_mask=mask, impl=impl,
-                        fuse_ce_with_kd=fuse)
+        out = salt_loss(x, labels, teacher, kd_weight=omega, temperature=tau, loss_mask=mask, impl=impl,
+                        fuse_ce_with_kd=fuse, vocab_size=vocab_size)
         out.loss.backward()
         assert bool(calls) == fuse
         assert torch.isfinite(x.grad).all()
@@ -167,6 +168,25 @@ def check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, 
     torch.testing.assert_close(g1, g0, rtol=1e-4, atol=tol)
     assert torch.all(g1[mask.cpu() == 0] == 0)
     return l1, g1, tol, used
+
+
+def reference_salt_loss(student, teacher, labels, mask, omega, tau, vocab_size=None):
+    """The SALT loss in float64 on the gathered vocabulary, by autograd: CE over every column (padding included,
+    as megatron-core's CE), KD over the first ``vocab_size``.  Returns loss, CE, KD (masked means) and the
+    student's gradient."""
+    import torch.nn.functional as F
+
+    from salt_megatron.kd.reference import reference_kl
+
+    x = student.double().clone().requires_grad_(True)
+    ce = F.cross_entropy(x.reshape(-1, x.shape[-1]), labels.reshape(-1), reduction="none").view(labels.shape)
+    kd = reference_kl(x, teacher.double(), tau, vocab_size)
+    m = mask.double()
+    n = m.sum().clamp(min=1.0)
+    ce_mean, kd_mean = (ce * m).sum() / n, (kd * m).sum() / n
+    loss = (1 - omega) * ce_mean + omega * tau**2 * kd_mean
+    loss.backward()
+    return loss.detach(), ce_mean.detach(), kd_mean.detach(), x.grad
 
 
 class CountingAllReduce:

@@ -78,3 +78,36 @@ def test_megatron_users_spellings_and_defaults():
                         ("weight_decay", 0.1), ("adam_beta2", 0.95), ("log_interval", 1), ("eval_iters", 10)):
         assert getattr(args, flag) == value, flag
         assert f"`--{flag.replace('_', '-')}" in readme, flag
+
+
+def test_speed_and_memory_flags_reach_megatron_cores_configs():
+    from salt_megatron.training.performance_arguments import ddp_and_optimizer_kwargs, transformer_config_kwargs
+
+    args = _args("--num-layers", "4", "--recompute-granularity", "full", "--recompute-method", "block",
+                 "--recompute-num-layers", "2")
+    assert args.transformer_impl == "local"  # no Transformer Engine and no GPU here
+    assert transformer_config_kwargs(args) == {"sequence_parallel": False, "recompute_granularity": "full",
+                                               "recompute_method": "block", "recompute_num_layers": 2}
+    selective = _args("--recompute-activations")
+    assert transformer_config_kwargs(selective)["recompute_granularity"] == "selective"
+    assert ddp_and_optimizer_kwargs(_args("--overlap-grad-reduce")) == (
+        {"use_distributed_optimizer": False, "overlap_grad_reduce": True, "overlap_param_gather": False},
+        {"use_distributed_optimizer": False})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--transformer-impl", "transformer_engine"], "--transformer-impl transformer_engine needs Transformer Engine "
+                                                   "and a GPU"),
+    (["--recompute-granularity", "full"], "--recompute-granularity full needs --recompute-method"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "5"],
+     r"--recompute-num-layers must be in \[1, 4\]"),
+    (["--recompute-activations", "--recompute-granularity", "full"], "--recompute-activations is"),
+    (["--recompute-method", "block"], "go with --recompute-granularity full"),
+    (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "2"], "--sequence-parallel needs Transformer Engine's"),
+    (["--deepspeed", "--use-distributed-optimizer"], "with --deepspeed the ZeRO stage"),
+])
+def test_speed_and_memory_flags_that_cannot_work_are_refused(flags, message):
+    with pytest.raises(UsageError, match=message):
+        _args("--num-layers", "4", *flags, world_size=2)

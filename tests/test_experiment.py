@@ -156,55 +156,49 @@ def _experiment(out, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-def test_tiny_experiment_end_to_end_then_resumes_by_skipping(tmp_path):
+def test_tiny_experiment_with_a_shared_teacher_cache_then_resumes_by_skipping(tmp_path):
+    """One run of the tiny preset (it takes minutes, so one run proves both things):
+    - --teacher-cache-topk: seed 1 has two students that read its ordinary KD windows (SALT 20% and RKD), so one
+      cache serves both and neither runs the teacher; seed 2 has one (SALT 20%), which runs the teacher.  The report
+      accounts for the cache.
+    - a rerun skips the finished runs and starts a killed one (no result.json) over; another preset or another cache
+      setting in the same directory is refused."""
     out = tmp_path / "exp"
-    first = _experiment(out)
+    first = _experiment(out, "rkd", "--teacher-cache-topk", "8")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    runs = sorted(os.listdir(out / "runs"))
-    assert runs == ["baseline-seed1", "baseline-seed2", "salt_step20-seed1", "salt_step20-seed2"]
-    result = json.loads((out / "runs" / "salt_step20-seed1" / "result.json").read_text())
-    assert {"val_loss", "val_loss_shakespeare"} <= set(result["eval"][-1])
-    assert result["eval"][-1]["step"] == PRESETS["tiny"]["student_iters"]
-    assert sum(r["teacher_ran"] for r in result["train"]) == round(0.2 * PRESETS["tiny"]["student_iters"])
-    report = (out / "report" / "report.md").read_text()
-    assert "| salt_step20 | 2 |" in report and (out / "report" / "curves.png").stat().st_size > 10_000
-    # a killed run (no result.json) starts over; finished ones are skipped
-    os.remove(out / "runs" / "salt_step20-seed2" / "result.json")
-    before = (out / "runs" / "baseline-seed1" / "result.json").stat().st_mtime_ns
-    second = _experiment(out)
-    assert second.returncode == 0, second.stdout[-3000:]
-    assert second.stdout.count("finished earlier") == 3
-    assert "[salt_step20 seed 2]" in second.stdout
-    assert (out / "runs" / "baseline-seed1" / "result.json").stat().st_mtime_ns == before
-    assert (out / "runs" / "salt_step20-seed2" / "result.json").exists()
-    # another preset in the same directory is refused
-    third = subprocess.run([sys.executable, "-m", "salt_megatron.cli", "experiment", "--quick", "--out", str(out)],
-                           capture_output=True, text=True, timeout=120)
-    assert third.returncode != 0 and "another preset" in third.stderr
-
-
-def test_tiny_experiment_with_a_shared_teacher_cache(tmp_path):
-    """--teacher-cache-topk: seed 1 has two students that read its ordinary KD windows (SALT 20% and RKD), so one
-    cache serves both and neither runs the teacher; seed 2 has one (SALT 20%), which runs the teacher.  The report
-    accounts for the cache."""
-    out = tmp_path / "exp"
-    done = _experiment(out, "rkd", "--teacher-cache-topk", "8")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(os.listdir(out / "runs")) == ["baseline-seed1", "baseline-seed2", "rkd-seed1", "salt_step20-seed1",
+                                                "salt_step20-seed2"]
     assert sorted(os.listdir(out / "caches")) == ["seed1-k8.cost.json", "seed1-k8.ids.npy", "seed1-k8.json",
                                                   "seed1-k8.log", "seed1-k8.logprobs.npy", "seed1-k8.rest.npy",
                                                   "seed1-k8.windows.npy"]
     runs = {name: json.loads((out / "runs" / name / "result.json").read_text())
             for name in ("salt_step20-seed1", "rkd-seed1", "salt_step20-seed2")}
     iters = PRESETS["tiny"]["student_iters"]
+    for name in runs:
+        assert {"val_loss", "val_loss_shakespeare"} <= set(runs[name]["eval"][-1])
+        assert runs[name]["eval"][-1]["step"] == iters
     for name, kd in (("salt_step20-seed1", round(0.2 * iters)), ("rkd-seed1", iters)):
         assert "--teacher-cache" in runs[name]["flags"] and "--teacher-load" not in runs[name]["flags"]
         assert not any(r["teacher_ran"] for r in runs[name]["train"])
         assert sum(r["kd_weight"] > 0 for r in runs[name]["train"]) == kd
     assert sum(r["teacher_ran"] for r in runs["salt_step20-seed2"]["train"]) == round(0.2 * iters)
     report = (out / "report" / "report.md").read_text()
+    assert "| salt_step20 | 2 |" in report and (out / "report" / "curves.png").stat().st_size > 10_000
     assert f"read by 2 students for {round(0.2 * iters) + iters} KD-phase steps that ran no teacher" in report
     assert "with the writing counted" in report and "--teacher-cache-topk 8" in report
-    # the same directory with another cache setting is refused
+    # a killed run (no result.json) starts over; finished ones are skipped
+    os.remove(out / "runs" / "salt_step20-seed2" / "result.json")
+    before = (out / "runs" / "baseline-seed1" / "result.json").stat().st_mtime_ns
+    second = _experiment(out, "rkd", "--teacher-cache-topk", "8")
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert second.stdout.count("finished earlier") == 4
+    assert "[salt_step20 seed 2]" in second.stdout
+    assert (out / "runs" / "baseline-seed1" / "result.json").stat().st_mtime_ns == before
+    assert (out / "runs" / "salt_step20-seed2" / "result.json").exists()
+    # another preset, or another cache setting, in the same directory is refused
+    third = subprocess.run([sys.executable, "-m", "salt_megatron.cli", "experiment", "--quick", "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert third.returncode != 0 and "another preset" in third.stderr
     other = _experiment(out, "rkd")
     assert other.returncode != 0 and "--teacher-cache-topk 8" in other.stderr
 

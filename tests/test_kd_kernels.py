@@ -12,9 +12,10 @@ import torch
 from salt_megatron.kd import salt_loss, vocab_parallel_kl_div
 from salt_megatron.kd import fused_kernels
 from salt_megatron.kd.reference import reference_grad, reference_kl
-from salt_megatron.kd.torch_kernels import TORCH_KERNELS, local_row_stats
+from salt_megatron.kd.torch_kernels import TORCH_KERNELS, local_row_stats, local_student_grad
 from tests.kd_cases import (DEVICES, DTYPES, check_one_pass_equals_separate, check_split_grad, extreme_rows,
-                            fused_kernels_on, grad_tol, make_logits, run, same_in_dtype)
+                            fused_kernels_on, grad_tol, make_logits, run, same_in_dtype, split_grad_inputs,
+                            split_grad_row_stats)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,13 +114,56 @@ def test_split_grad_teacher_grad_rows(device, dtype, with_index):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_index", [False, True])
+def test_ce_sum_and_ce_gradient_term(device, dtype, with_index):
+    """with_ce_sum: a sixth statistic Σ exp(s - max_s) from the same read (the other five unchanged), and the
+    q1·g_ce gradient term of the one-pass CE at τ ≠ 1, against the PyTorch kernels: long rows, odd widths, the
+    extreme rows."""
+    kernels = fused_kernels_on(device)
+    tau = 1.6
+    cases = [split_grad_inputs(9, width, 50, dtype, device) for width in (1030, 32768, 1001)]
+    s64, t64 = extreme_rows(4099 if device == "cpu" else 4100)
+    s64, t64 = s64.clamp(min=-6e4, max=6e4), t64.clamp(min=-6e4, max=6e4)  # finite in fp16
+    gen = torch.Generator().manual_seed(9)
+    cases.append((s64.to(dtype=dtype, device=device), t64.to(dtype=dtype, device=device),
+                  (torch.rand(10, generator=gen) * 2 - 1).to(device), (torch.rand(10, generator=gen) * 2 - 1).to(device)))
+    for s, t, g, g_ce in cases:
+        idx = torch.tensor([7, 0, 3, 8, 2], device=device) if with_index else None
+        s_sel, t_sel = (s, t) if idx is None else (s.index_select(0, idx), t.index_select(0, idx))
+        m = s_sel.shape[0]
+        stats = kernels.row_stats(s, t, tau, True, row_index=idx)
+        assert stats.shape == (m, 6)
+        torch.testing.assert_close(stats[:, :5], kernels.row_stats(s, t, tau, row_index=idx), rtol=1e-6, atol=0)
+        ref = local_row_stats(s_sel, t_sel, tau, True)
+        torch.testing.assert_close(stats[:, 5], ref[:, 5], rtol=1e-5 if device == "cpu" else 2e-5, atol=0)
+        max_s, log_sum_s, max_t, log_sum_t = split_grad_row_stats(s_sel, t_sel, tau)
+        ce_log_sum = ref[:, 5].log()
+        out = torch.full(s.shape, 7.0, dtype=dtype, device=device)
+        kernels.student_grad(s, t, max_s, log_sum_s, max_t, log_sum_t, g[:m], tau, out, row_index=idx,
+                             ce_log_sum_s=ce_log_sum, ce_grad_rows=g_ce[:m])
+        expect = torch.empty(m, s.shape[1], dtype=dtype, device=device)
+        local_student_grad(s_sel, t_sel, max_s, log_sum_s, max_t, log_sum_t, g[:m], tau, expect,
+                           ce_log_sum_s=ce_log_sum, ce_grad_rows=g_ce[:m])
+        got = out if idx is None else out.index_select(0, idx)
+        assert torch.isfinite(got).all()
+        if device == "cpu" or dtype != torch.float32:
+            same_in_dtype(got.cpu(), expect.cpu(), dtype)
+        else:  # the GPU's ex2.approx (about 2^-22 relative) against torch's exp
+            torch.testing.assert_close(got.double().cpu(), expect.double().cpu(), rtol=1e-5,
+                                       atol=1e-5 * max(1e-3, expect.abs().max().item()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("omega", [0.3, 1.0])
 @pytest.mark.parametrize("vocab", [300, 1030])
-def test_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, device, dtype, omega, vocab):
-    """At τ = 1, salt_loss takes CE from the KD pass through the fused kernel's teacher_grad_rows (the fused
-    kernel writes the gradient: no fallback); loss, CE, KD and the gradient must equal CE (F.cross_entropy) + KD
-    computed apart, and the same one-pass path on the PyTorch kernels."""
+@pytest.mark.parametrize("tau,pad", [(1.0, 0), (1.6, 0), (1.0, 3), (0.8, 5)])
+def test_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, device, dtype, omega, vocab, tau, pad):
+    """salt_loss takes CE from the KD pass (through the kernels' teacher_grad_rows at τ = 1 unpadded, through
+    with_ce_sum and the q1 term otherwise; the fused kernel writes the gradient: no fallback); loss, CE, KD and the
+    gradient must equal CE (F.cross_entropy over every column) + KD computed apart, and the same one-pass path on
+    the PyTorch kernels."""
     kernels = fused_kernels_on(device)
     b, s_len = 3, 7
     student = make_logits((b, s_len, vocab), 0)
@@ -127,7 +171,8 @@ def test_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, dev
     student[0, 0, :5] = 1e4  # extreme logits on one row
     teacher[1, 2, ::4] = float("-inf")
     student, teacher = student.to(dtype=dtype, device=device), teacher.to(dtype=dtype, device=device)
-    labels = torch.randint(0, vocab, (b, s_len), generator=torch.Generator().manual_seed(2)).to(device)
+    vocab_size = vocab - pad if pad else None
+    labels = torch.randint(0, vocab - pad, (b, s_len), generator=torch.Generator().manual_seed(2)).to(device)
     mask = torch.ones(b, s_len, device=device)
     mask[2, 4:] = 0
 
@@ -135,11 +180,13 @@ def test_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, dev
         raise AssertionError("the fused kernel should write this gradient, not local_student_grad")
 
     monkeypatch.setattr(fused_kernels, "local_student_grad", no_pytorch_fallback)
-    l1, g1, tol, used = check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, omega, "fused")
+    l1, g1, tol, used = check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, omega, "fused",
+                                                       tau, vocab_size)
     assert used and all(k is kernels for k in used)
     monkeypatch.undo()
     x = student.clone().requires_grad_(True)
-    ref = salt_loss(x, labels, teacher, kd_weight=omega, temperature=1.0, loss_mask=mask, impl="torch")
+    ref = salt_loss(x, labels, teacher, kd_weight=omega, temperature=tau, loss_mask=mask, impl="torch",
+                    vocab_size=vocab_size)
     ref.loss.backward()
     torch.testing.assert_close(l1, ref.loss.detach().cpu(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g1, x.grad.double().cpu(), rtol=1e-4, atol=tol)

@@ -185,33 +185,56 @@ def test_salt_loss_needs_teacher_when_kd_weight_positive():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CE and KD from one pass (τ = 1, one unpadded shard)
+# CE and KD from one pass (any τ, padding; TP: test_kd_tensor_parallel.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("omega", [0.3, 1.0])
-def test_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, dtype, omega):
-    """At τ = 1 on one unpadded shard, salt_loss takes CE from the KD pass; it must equal CE + KD computed apart.
-    (The fused kernels' one pass, on every device: test_kd_kernels.py.)"""
+@pytest.mark.parametrize("tau,vocab_size", [(1.0, None), (2.0, None), (1.0, 290), (0.7, 293)])
+def test_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, dtype, omega, tau, vocab_size):
+    """salt_loss takes CE from the KD pass; it must equal CE + KD computed apart (CE over every column, padding
+    included, as megatron-core's), at τ = 1 and not, with and without padding.  (The fused kernels' one pass, on
+    every device: test_kd_kernels.py.)"""
     b, s_len, v = 3, 7, 300
     student = make_logits((b, s_len, v), 0).to(dtype)
     teacher = make_logits((b, s_len, v), 1).to(dtype)
     student[0, 0, :5] = 1e4  # extreme logits on one row
-    labels = torch.randint(0, v, (b, s_len), generator=torch.Generator().manual_seed(2))
+    student[1, 1, -1] = 60.0  # a padding logit far above the real ones (where there is padding)
+    labels = torch.randint(0, vocab_size or v, (b, s_len), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(b, s_len)
     mask[2, 4:] = 0
-    check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, omega, "torch")
+    check_one_pass_equals_separate(monkeypatch, student, teacher, labels, mask, omega, "torch", tau, vocab_size)
 
 
-def test_salt_loss_keeps_ce_separate_when_it_cannot_share_the_pass(monkeypatch):
+@pytest.mark.parametrize("tau,vocab_size", [(1.0, None), (1.7, None), (1.0, 37), (0.6, 33)])
+def test_salt_loss_one_pass_matches_the_float64_reference(tau, vocab_size):
+    from tests.kd_cases import reference_salt_loss
+
+    s, t = make_logits((2, 5, 40), 3), make_logits((2, 5, 40), 4)
+    s[0, 1, 39] = 30.0  # padding above every real logit of its row
+    t[1, 2, :10] = float("-inf")
+    labels = torch.randint(0, vocab_size or 40, (2, 5), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    x = s.float().clone().requires_grad_(True)
+    out = salt_loss(x, labels, t.float(), kd_weight=0.6, temperature=tau, loss_mask=mask, vocab_size=vocab_size,
+                    impl="torch")
+    out.loss.backward()
+    loss, ce, kd, grad = reference_salt_loss(s.float(), t.float(), labels, mask, 0.6, tau, vocab_size)
+    for got, want in ((out.loss, loss), (out.ce, ce), (out.kd, kd)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), grad, rtol=1e-5, atol=1e-6)
+
+
+def test_salt_loss_keeps_ce_separate_when_asked_or_without_kd(monkeypatch):
     import salt_megatron.kd.loss as kd
 
     def fail(*a):
         raise AssertionError("fused CE+KD used where it must not be")
 
-    monkeypatch.setattr(kd._KLAndCrossEntropy, "apply", fail)
+    monkeypatch.setattr(kd.KLAndCrossEntropy, "apply", fail)
     s, t = make_logits((2, 3, 40), 0).float(), make_logits((2, 3, 40), 1).float()
     labels = torch.zeros(2, 3, dtype=torch.long)
-    salt_loss(s, labels, t, kd_weight=0.5, temperature=2.0)  # τ != 1: CE needs its own softmax
-    salt_loss(s, labels, t, kd_weight=0.5, vocab_size=37)  # padding: torch's CE counts every column
+    salt_loss(s, labels, t, kd_weight=0.5, temperature=2.0, fuse_ce_with_kd=False)
+    salt_loss(s, labels, None, kd_weight=0.0)  # the LM phase: no KD pass to share

@@ -108,3 +108,70 @@ def test_fused_vs_torch_vs_float64(tp):
             assert grad_f.dtype == dtype
             torch.testing.assert_close(grad_f.double(), shard_ref, **grad_tol(dtype, shard_ref))
             same_in_dtype(grad_f, grad_t, dtype)
+
+
+ONE_PASS_CASES = [  # (vocab_size, tau, dtype): the SALT loss's one pass for CE and KD, on a 48-column vocabulary
+    (45, 1.0, torch.float32),  # padding on the last rank, τ = 1: CE's softmax has columns KD's has not
+    (None, 1.5, torch.float32),  # τ ≠ 1: CE's sum comes from the kernels' with_ce_sum
+    (41, 0.8, torch.bfloat16),
+    (30, 1.3, torch.float32),  # at TP = 4 the last rank holds padding only
+]
+
+
+def one_pass_inputs(case_id):
+    vocab_size, tau, dtype = ONE_PASS_CASES[case_id]
+    shape = (3, 4, 48)
+    s, t = make_logits(shape, 30 + case_id), make_logits(shape, 40 + case_id)
+    s[0, 0, 5] = 1e4  # a huge logit on rank 0's shard
+    s[1, 1, 47] = 25.0  # the last column: padding above every real logit where the vocabulary is padded
+    t[2, 0, :20] = float("-inf")
+    labels = torch.randint(0, vocab_size or 48, shape[:-1], generator=torch.Generator().manual_seed(case_id))
+    mask = torch.ones(shape[:-1])
+    mask[2, 3] = 0
+    return s.to(dtype), t.to(dtype), labels, mask, vocab_size, tau
+
+
+def _one_pass_worker(rank, world_size):
+    from salt_megatron.kd import salt_loss
+
+    torch.distributed.init_process_group("gloo")
+    results = []
+    for case_id in range(len(ONE_PASS_CASES)):
+        s, t, labels, mask, vocab_size, tau = one_pass_inputs(case_id)
+        w = s.shape[-1] // world_size
+        cols = slice(rank * w, (rank + 1) * w)
+        out = {}
+        for impl in ("fused", "torch"):
+            x = s[..., cols].clone().requires_grad_(True)
+            with CountingAllReduce() as counted:
+                loss = salt_loss(x, labels, t[..., cols].clone(), kd_weight=0.6, temperature=tau, loss_mask=mask,
+                                 vocab_size=vocab_size, tp_group=torch.distributed.group.WORLD, impl=impl)
+                loss.loss.backward()
+            out[impl] = (loss.loss.detach(), loss.ce, loss.kd, x.grad, counted.ops)
+        results.append(out)
+    return results
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_one_pass_ce_and_kd_match_the_float64_reference(tp):
+    """salt_loss at TP > 1 takes CE from the KD pass (any τ, padding, a shard of padding only): loss, CE, KD and
+    the gradient shard equal the float64 reference on the gathered vocabulary (CE over every column, as
+    megatron-core's), the same on every rank, in exactly the KD's two collectives."""
+    fused_kernels_on("cpu")
+    from tests.kd_cases import reference_salt_loss
+
+    results = run_workers(_one_pass_worker, tp)
+    for case_id, (_, _, dtype) in enumerate(ONE_PASS_CASES):
+        s, t, labels, mask, vocab_size, tau = one_pass_inputs(case_id)
+        want = reference_salt_loss(s, t, labels, mask, 0.6, tau, vocab_size)
+        w = s.shape[-1] // tp
+        for rank in range(tp):
+            for impl in ("fused", "torch"):
+                loss, ce, kd, grad, ops = results[rank][case_id][impl]
+                assert ops == TWO_COLLECTIVES, (case_id, impl, ops)
+                assert loss == results[0][case_id][impl][0]  # identical on every rank
+                for got, expect in zip((loss, ce, kd), want[:3]):
+                    torch.testing.assert_close(got.double(), expect, rtol=2e-5, atol=1e-5)
+                shard_ref = want[3][..., rank * w:(rank + 1) * w]
+                assert grad.dtype == dtype
+                torch.testing.assert_close(grad.double(), shard_ref, **grad_tol(dtype, shard_ref))

@@ -161,6 +161,39 @@ def _patch_tensor_cuda_calls():
     _run_with_identity_tensor_cuda(LanguageModule, "setup_embeddings_and_output_layer")
 
 
+@contextlib.contextmanager
+def _tensor_type_names_cuda():
+    original = torch.Tensor.type
+
+    def cuda_named(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        return name.replace("torch.", "torch.cuda.", 1) if not args and not kwargs and self.device.type == "cpu" \
+            else name
+
+    torch.Tensor.type = cuda_named
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _patch_distributed_optimizer():
+    """The distributed optimizer sorts its parameters by ``param.type()``, which it expects to read
+    ``torch.cuda.FloatTensor``: within that one classmethod, CPU tensors give CUDA type names."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    method = _require(DistributedOptimizer, "_build_model_and_main_param_groups")
+    if getattr(method, "_salt_cpu_patched", False):
+        return
+
+    def patched(cls, *args, **kwargs):
+        with _tensor_type_names_cuda():
+            return method(*args, **kwargs)  # `method` is already bound to the class
+
+    patched._salt_cpu_patched = True
+    DistributedOptimizer._build_model_and_main_param_groups = classmethod(patched)
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Patches ``megatron.core.*`` modules that are imported after :func:`ensure_megatron_runs_here`."""
 
@@ -241,5 +274,6 @@ def ensure_megatron_runs_here() -> bool:
     _patch_rng_helpers()
     _patch_clip_grads()
     _patch_tensor_cuda_calls()
+    _patch_distributed_optimizer()
     _APPLIED = True
     return True

@@ -4,7 +4,8 @@
 // L1-sized buffers).  For each chunk: its maxima of s and t, then its exp-sums and partial Σ p̃·(a_t - a_s)
 // relative to them (a = (x - max)/τ), merged into the row's running statistics with the online-softmax rescale
 // (the same formula salt_megatron/kd/vocab_parallel.py uses across TP shards), so a growing maximum costs one
-// rescale per chunk, not per element.  The grad is one more pass that writes each element once.  OpenMP over rows,
+// rescale per chunk, not per element.  With the CE sum (τ != 1) the same read also sums exp(s - max_s), the
+// student's softmax at τ = 1.  The grad is one more pass that writes each element once.  OpenMP over rows,
 // `#pragma omp simd` inner loops with a branch-free exp so the compiler vectorises them, compiled once per CPU
 // level (cpu_common.h).
 #include "salt_kl.h"
@@ -41,12 +42,13 @@ SALT_INLINE const float* load_chunk(const T* src, int64_t len, float* buf, float
 }
 
 // Statistics of one piece of a row, relative to its own maxima (raw logits, not divided by τ):
-// ms, Σ exp((s - ms)/τ), mt, Σ exp((t - mt)/τ), Σ exp((t - mt)/τ)·((t - mt) - (s - ms))/τ.
+// ms, Σ exp((s - ms)/τ), mt, Σ exp((t - mt)/τ), Σ exp((t - mt)/τ)·((t - mt) - (s - ms))/τ, and s1 = Σ exp(s - ms)
+// (the CE sum at τ = 1; kept 0 when not asked for).
 struct RowStats {
-  float ms, ss, mt, st, acc;
+  float ms, ss, mt, st, acc, s1;
 };
 
-SALT_INLINE RowStats empty_stats() { return RowStats{-kInf, 0.0f, -kInf, 0.0f, 0.0f}; }
+SALT_INLINE RowStats empty_stats() { return RowStats{-kInf, 0.0f, -kInf, 0.0f, 0.0f, 0.0f}; }
 
 // Shift of statistics taken relative to `old_max` onto `new_max` >= old_max, in units of 1/τ (<= 0).  A part
 // whose maximum is -inf has nothing to shift (its sums are 0 and its partial KL is 0 or +inf).
@@ -72,10 +74,11 @@ SALT_INLINE RowStats merge(const RowStats& a, const RowStats& b, float inv_t) {
   r.ss = a.ss * exp_approx(as) + b.ss * exp_approx(bs);
   r.st = a.st * a_scale_t + b.st * b_scale_t;
   r.acc = shift_partial(a.acc, a.st, at, as, a_scale_t) + shift_partial(b.acc, b.st, bt, bs, b_scale_t);
+  r.s1 = a.s1 * exp_approx(max_shift(a.ms, r.ms, 1.0f)) + b.s1 * exp_approx(max_shift(b.ms, r.ms, 1.0f));
   return r;
 }
 
-template <typename TS, typename TT>
+template <bool kCe, typename TS, typename TT>
 SALT_INLINE void stats_row(const TS* s, const TT* t, int64_t width, float inv_t, float* out) {
   alignas(64) float buf_s[kChunk];
   alignas(64) float buf_t[kChunk];
@@ -89,8 +92,8 @@ SALT_INLINE void stats_row(const TS* s, const TT* t, int64_t width, float inv_t,
     // where the teacher has mass and the student none), with no inf - inf
     const float ms = c.ms == -kInf ? 0.0f : c.ms;
     const float mt = c.mt == -kInf ? 0.0f : c.mt;
-    float ss = 0.0f, st = 0.0f, acc = 0.0f;
-#pragma omp simd reduction(+ : ss, st, acc)
+    float ss = 0.0f, st = 0.0f, acc = 0.0f, s1 = 0.0f;
+#pragma omp simd reduction(+ : ss, st, acc, s1)
     for (int64_t j = 0; j < len; ++j) {
       const float a_s = (xs[j] - ms) * inv_t;  // log of the unnormalised probabilities, <= 0
       const float a_t = (xt[j] - mt) * inv_t;
@@ -99,10 +102,12 @@ SALT_INLINE void stats_row(const TS* s, const TT* t, int64_t width, float inv_t,
       ss += q;
       st += p;
       acc += p > 0.0f ? p * (a_t - a_s) : 0.0f;  // p = 0 (teacher -inf or underflow): no contribution (nansum)
+      if constexpr (kCe) s1 += exp_approx(xs[j] - ms);
     }
     c.ss = ss;
     c.st = st;
     c.acc = acc;
+    c.s1 = s1;
     run = c0 == 0 ? c : merge(run, c, inv_t);
   }
   out[0] = run.ms;
@@ -110,18 +115,25 @@ SALT_INLINE void stats_row(const TS* s, const TT* t, int64_t width, float inv_t,
   out[2] = run.mt;
   out[3] = run.st;
   out[4] = run.acc;
+  if constexpr (kCe) out[5] = run.s1;
 }
 
-template <typename TS, typename TT>
+// (q·g - p·g_t)/τ, plus q1·g_ce with kCe (q1 = softmax(s) at τ = 1 from its own log-sum, ce_log_sum)
+template <bool kCe, typename TS, typename TT>
 SALT_INLINE void grad_row(const TS* s, const TT* t, int64_t width, float inv_t, float max_s, float log_sum_s,
-                          float max_t, float log_sum_t, float g, float g_teacher, TS* out) {
+                          float max_t, float log_sum_t, float g, float g_teacher, float ce_log_sum, float g_ce,
+                          TS* out) {
   const float gq = g * inv_t;
   const float gp = g_teacher * inv_t;
+  const float ce_shift = max_s + ce_log_sum;
 #pragma omp simd
   for (int64_t j = 0; j < width; ++j) {
-    const float q = exp_approx((to_float(s[j]) - max_s) * inv_t - log_sum_s);
+    const float x = to_float(s[j]);
+    const float q = exp_approx((x - max_s) * inv_t - log_sum_s);
     const float p = exp_approx((to_float(t[j]) - max_t) * inv_t - log_sum_t);
-    out[j] = from_float<TS>(q * gq - p * gp);
+    float y = q * gq - p * gp;
+    if constexpr (kCe) y += exp_approx(x - ce_shift) * g_ce;
+    out[j] = from_float<TS>(y);
   }
 }
 
@@ -134,6 +146,7 @@ struct Args {
   int64_t width;
   const int64_t* row_index;
   float inv_t;
+  bool with_ce_sum;
   float* stats;
   const float* max_s;
   const float* log_sum_s;
@@ -141,31 +154,50 @@ struct Args {
   const float* log_sum_t;
   const float* grad_rows;
   const float* teacher_grad_rows;  // NULL: the same as grad_rows
+  const float* ce_log_sum_s;       // NULL (and ce_grad_rows NULL): no CE term at τ = 1 in the gradient
+  const float* ce_grad_rows;
   void* out;
   int64_t out_stride;
 };
 
-template <typename TS, typename TT>
-SALT_INLINE void stats_range(const Args& a, int64_t lo, int64_t hi) {
+template <bool kCe, typename TS, typename TT>
+SALT_INLINE void stats_rows(const Args& a, int64_t lo, int64_t hi) {
   const TS* s = static_cast<const TS*>(a.s);
   const TT* t = static_cast<const TT*>(a.t);
+  constexpr int64_t n = kCe ? 6 : 5;
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t r = a.row_index ? a.row_index[i] : i;
-    stats_row(s + r * a.s_stride, t + r * a.t_stride, a.width, a.inv_t, a.stats + 5 * i);
+    stats_row<kCe>(s + r * a.s_stride, t + r * a.t_stride, a.width, a.inv_t, a.stats + n * i);
   }
 }
 
 template <typename TS, typename TT>
-SALT_INLINE void grad_range(const Args& a, int64_t lo, int64_t hi) {
+SALT_INLINE void stats_range(const Args& a, int64_t lo, int64_t hi) {
+  if (a.with_ce_sum)
+    stats_rows<true, TS, TT>(a, lo, hi);
+  else
+    stats_rows<false, TS, TT>(a, lo, hi);
+}
+
+template <bool kCe, typename TS, typename TT>
+SALT_INLINE void grad_rows(const Args& a, int64_t lo, int64_t hi) {
   const TS* s = static_cast<const TS*>(a.s);
   const TT* t = static_cast<const TT*>(a.t);
   TS* out = static_cast<TS*>(a.out);
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t r = a.row_index ? a.row_index[i] : i;
-    grad_row(s + r * a.s_stride, t + r * a.t_stride, a.width, a.inv_t, a.max_s[i], a.log_sum_s[i], a.max_t[i],
-             a.log_sum_t[i], a.grad_rows[i], a.teacher_grad_rows ? a.teacher_grad_rows[i] : a.grad_rows[i],
-             out + r * a.out_stride);
+    grad_row<kCe>(s + r * a.s_stride, t + r * a.t_stride, a.width, a.inv_t, a.max_s[i], a.log_sum_s[i], a.max_t[i],
+                  a.log_sum_t[i], a.grad_rows[i], a.teacher_grad_rows ? a.teacher_grad_rows[i] : a.grad_rows[i],
+                  kCe ? a.ce_log_sum_s[i] : 0.0f, kCe ? a.ce_grad_rows[i] : 0.0f, out + r * a.out_stride);
   }
+}
+
+template <typename TS, typename TT>
+SALT_INLINE void grad_range(const Args& a, int64_t lo, int64_t hi) {
+  if (a.ce_grad_rows)
+    grad_rows<true, TS, TT>(a, lo, hi);
+  else
+    grad_rows<false, TS, TT>(a, lo, hi);
 }
 
 using RangeFn = void (*)(const Args&, int64_t, int64_t);
@@ -216,9 +248,10 @@ Args input_args(const void* student, int64_t student_row_stride, const void* tea
 extern "C" int salt_kl_row_stats_cpu(const void* student, int64_t student_row_stride, int student_dtype,
                                      const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
                                      int64_t rows, int64_t width, const int64_t* row_index, float inv_temperature,
-                                     float* stats, int num_threads) {
+                                     int with_ce_sum, float* stats, int num_threads) {
   if (!valid_dtype(student_dtype) || !valid_dtype(teacher_dtype) || rows < 0 || width < 0) return 1;
   Args a = input_args(student, student_row_stride, teacher, teacher_row_stride, width, row_index, inv_temperature);
+  a.with_ce_sum = with_ce_sum != 0;
   a.stats = stats;
   run_rows(kStats[student_dtype][teacher_dtype], a, rows, num_threads);
   return 0;
@@ -229,9 +262,11 @@ extern "C" int salt_kl_student_grad_cpu(const void* student, int64_t student_row
                                         int64_t rows, int64_t width, const int64_t* row_index, const float* max_s,
                                         const float* log_sum_s, const float* max_t, const float* log_sum_t,
                                         const float* grad_rows, const float* teacher_grad_rows,
+                                        const float* ce_log_sum_s, const float* ce_grad_rows,
                                         float inv_temperature, void* out, int64_t out_row_stride,
                                         int num_threads) {
   if (!valid_dtype(student_dtype) || !valid_dtype(teacher_dtype) || rows < 0 || width < 0) return 1;
+  if ((ce_log_sum_s == nullptr) != (ce_grad_rows == nullptr)) return 1;
   if (width == 0) return 0;
   Args a = input_args(student, student_row_stride, teacher, teacher_row_stride, width, row_index, inv_temperature);
   a.max_s = max_s;
@@ -240,6 +275,8 @@ extern "C" int salt_kl_student_grad_cpu(const void* student, int64_t student_row
   a.log_sum_t = log_sum_t;
   a.grad_rows = grad_rows;
   a.teacher_grad_rows = teacher_grad_rows;
+  a.ce_log_sum_s = ce_log_sum_s;
+  a.ce_grad_rows = ce_grad_rows;
   a.out = out;
   a.out_stride = out_row_stride;
   run_rows(kGrad[student_dtype][teacher_dtype], a, rows, num_threads);

@@ -28,7 +28,7 @@ const int64_t* row_index_ptr(const c10::optional<at::Tensor>& row_index, at::Ten
 }
 
 at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, double temperature,
-                     const c10::optional<at::Tensor>& row_index) {
+                     const c10::optional<at::Tensor>& row_index, bool with_ce_sum) {
   check_logits(student, "student");
   check_logits(teacher, "teacher");
   TORCH_CHECK(student.sizes() == teacher.sizes(), "student and teacher must have the same shape");
@@ -36,11 +36,11 @@ at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, doubl
   at::Tensor index_holder;
   const int64_t* index = row_index_ptr(row_index, index_holder, student.size(0));
   const int64_t rows = index ? index_holder.numel() : student.size(0);
-  at::Tensor stats = at::empty({rows, 5}, student.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty({rows, with_ce_sum ? 6 : 5}, student.options().dtype(at::kFloat));
   const int rc = salt_kl_row_stats_cpu(student.data_ptr(), student.stride(0), dtype_code(student, "student"),
                                        teacher.data_ptr(), teacher.stride(0), dtype_code(teacher, "teacher"), rows,
                                        student.size(1), index, static_cast<float>(1.0 / temperature),
-                                       stats.data_ptr<float>(), at::get_num_threads());
+                                       with_ce_sum ? 1 : 0, stats.data_ptr<float>(), at::get_num_threads());
   TORCH_CHECK(rc == 0, "salt_kl_row_stats_cpu failed (", rc, ")");
   return stats;
 }
@@ -48,7 +48,8 @@ at::Tensor row_stats(const at::Tensor& student, const at::Tensor& teacher, doubl
 void student_grad(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& max_s,
                   const at::Tensor& log_sum_s, const at::Tensor& max_t, const at::Tensor& log_sum_t,
                   const at::Tensor& grad_rows, double temperature, at::Tensor& out,
-                  const c10::optional<at::Tensor>& row_index, const c10::optional<at::Tensor>& teacher_grad_rows) {
+                  const c10::optional<at::Tensor>& row_index, const c10::optional<at::Tensor>& teacher_grad_rows,
+                  const c10::optional<at::Tensor>& ce_log_sum_s, const c10::optional<at::Tensor>& ce_grad_rows) {
   check_logits(student, "student");
   check_logits(teacher, "teacher");
   check_logits(out, "out");
@@ -60,11 +61,14 @@ void student_grad(const at::Tensor& student, const at::Tensor& teacher, const at
   const int64_t* index = row_index_ptr(row_index, index_holder, student.size(0));
   const int64_t rows = index ? index_holder.numel() : student.size(0);
   // O(rows) vectors: fp32 and contiguous (the upstream gradient is often an expanded scalar)
-  at::Tensor vec[6] = {max_s, log_sum_s, max_t, log_sum_t, grad_rows,
-                       teacher_grad_rows.has_value() ? *teacher_grad_rows : grad_rows};
+  TORCH_CHECK(ce_log_sum_s.has_value() == ce_grad_rows.has_value(), "ce_log_sum_s and ce_grad_rows go together");
+  const bool ce = ce_grad_rows.has_value();
+  at::Tensor vec[8] = {max_s, log_sum_s, max_t, log_sum_t, grad_rows,
+                       teacher_grad_rows.has_value() ? *teacher_grad_rows : grad_rows,
+                       ce ? *ce_log_sum_s : grad_rows, ce ? *ce_grad_rows : grad_rows};
   for (auto& v : vec) {
     TORCH_CHECK(v.device().is_cpu() && v.numel() == rows,
-                "max_s, log_sum_s, max_t, log_sum_t and grad_rows (and teacher_grad_rows) must be CPU vectors of one entry per processed row (",
+                "max_s, log_sum_s, max_t, log_sum_t and grad_rows (and teacher_grad_rows, ce_log_sum_s, ce_grad_rows) must be CPU vectors of one entry per processed row (",
                 rows, ")");
     v = v.to(at::kFloat).contiguous();
   }
@@ -72,8 +76,8 @@ void student_grad(const at::Tensor& student, const at::Tensor& teacher, const at
       student.data_ptr(), student.stride(0), dtype_code(student, "student"), teacher.data_ptr(), teacher.stride(0),
       dtype_code(teacher, "teacher"), rows, student.size(1), index, vec[0].data_ptr<float>(),
       vec[1].data_ptr<float>(), vec[2].data_ptr<float>(), vec[3].data_ptr<float>(), vec[4].data_ptr<float>(),
-      vec[5].data_ptr<float>(), static_cast<float>(1.0 / temperature), out.data_ptr(), out.stride(0),
-      at::get_num_threads());
+      vec[5].data_ptr<float>(), ce ? vec[6].data_ptr<float>() : nullptr, ce ? vec[7].data_ptr<float>() : nullptr,
+      static_cast<float>(1.0 / temperature), out.data_ptr(), out.stride(0), at::get_num_threads());
   TORCH_CHECK(rc == 0, "salt_kl_student_grad_cpu failed (", rc, ")");
 }
 
@@ -99,12 +103,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_logsumexp(const at::Tensor& 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "salt_megatron fused KL-divergence kernels (CPU)";
   m.attr("CONTRACT_VERSION") = SALT_KL_CONTRACT_VERSION;
-  m.def("row_stats", &row_stats, "per-row [max_s, sum_s, max_t, sum_t, partial KL] of one vocabulary shard (fp32 [rows, 5])",
-        py::arg("student"), py::arg("teacher"), py::arg("temperature"), py::arg("row_index") = py::none());
-  m.def("student_grad", &student_grad, "write (softmax(s/τ) - softmax(t/τ))/τ · grad_rows into out",
+  m.def("row_stats", &row_stats,
+        "per-row [max_s, sum_s, max_t, sum_t, partial KL(, sum_s at τ = 1)] of one vocabulary shard (fp32 [rows, 5 or 6])",
+        py::arg("student"), py::arg("teacher"), py::arg("temperature"), py::arg("row_index") = py::none(),
+        py::arg("with_ce_sum") = false);
+  m.def("student_grad", &student_grad,
+        "write (softmax(s/τ)·g - softmax(t/τ)·g_t)/τ (+ softmax(s)·g_ce) into out",
         py::arg("student"), py::arg("teacher"), py::arg("max_s"), py::arg("log_sum_s"), py::arg("max_t"),
         py::arg("log_sum_t"), py::arg("grad_rows"), py::arg("temperature"), py::arg("out"),
-        py::arg("row_index") = py::none(), py::arg("teacher_grad_rows") = py::none());
+        py::arg("row_index") = py::none(), py::arg("teacher_grad_rows") = py::none(),
+        py::arg("ce_log_sum_s") = py::none(), py::arg("ce_grad_rows") = py::none());
   m.def("topk_logsumexp", &topk_logsumexp,
         "the k largest of logits/τ per row (fp32 values, int64 columns; best first) and log Σ exp(logits/τ)",
         py::arg("logits"), py::arg("k"), py::arg("temperature"));

@@ -7,8 +7,9 @@
 // columns (16-byte loads when the row is 16-byte aligned), keeping an online maximum of s and t, the sums
 // Σ exp((x - max)/τ) and the partial Σ p̃·((t - max_t) - (s - max_s))/τ, rescaled when a maximum grows.  The
 // block then merges the threads' statistics (warp shuffles, then shared memory).  Reads each logit once; writes
-// 5 floats per row.  Backward: one block per row, reads s and t once, writes the gradient (q·g - p·g_t)/τ once
-// (fp32 math, cast to the student's dtype; g = grad_rows[i], g_t = teacher_grad_rows[i], or g when that is NULL).
+// 5 floats per row (6 with the CE sum Σ exp(s - max_s), for a next-token CE at τ != 1).  Backward: one block per
+// row, reads s and t once, writes the gradient (q·g - p·g_t)/τ [+ q1·g_ce] once (fp32 math, cast to the student's
+// dtype; g = grad_rows[i], g_t = teacher_grad_rows[i], or g when that is NULL; q1 = softmax(s) at τ = 1).
 // Sized for rows of up to a few hundred thousand columns (V = 256k: 1k per thread).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -117,7 +118,7 @@ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_c
 
 // ---- row statistics, relative to the maxima of the raw logits (see salt_kl.h) ----
 struct Stats {
-  float ms, ss, mt, st, acc;
+  float ms, ss, mt, st, acc, s1;  // s1 = Σ exp(s - ms), the CE sum at τ = 1 (0 when not asked for)
 };
 
 __device__ __forceinline__ float max_shift(float old_max, float new_max, float inv_t) {
@@ -141,11 +142,12 @@ __device__ __forceinline__ Stats merge(const Stats& a, const Stats& b, float inv
   r.ss = a.ss * fast_exp(as) + b.ss * fast_exp(bs);
   r.st = a.st * a_scale_t + b.st * b_scale_t;
   r.acc = shift_partial(a.acc, a.st, at, as, a_scale_t) + shift_partial(b.acc, b.st, bt, bs, b_scale_t);
+  r.s1 = a.s1 * fast_exp(max_shift(a.ms, r.ms, 1.0f)) + b.s1 * fast_exp(max_shift(b.ms, r.ms, 1.0f));
   return r;
 }
 
-// Fold n columns (values xs/xt) into a thread's running statistics.
-template <int N>
+// Fold n columns (values xs/xt) into a thread's running statistics (and the CE sum with kCe).
+template <bool kCe, int N>
 __device__ __forceinline__ void accumulate(Stats& r, const float* xs, const float* xt, float inv_t) {
   float gms = xs[0], gmt = xt[0];
 #pragma unroll
@@ -160,6 +162,7 @@ __device__ __forceinline__ void accumulate(Stats& r, const float* xs, const floa
     r.acc = shift_partial(r.acc, r.st, sh_t, sh_s, scale_t);
     r.ss *= fast_exp(sh_s);
     r.st *= scale_t;
+    if (kCe) r.s1 *= fast_exp(max_shift(r.ms, nms, 1.0f));
     r.ms = nms;
     r.mt = nmt;
   }
@@ -174,6 +177,7 @@ __device__ __forceinline__ void accumulate(Stats& r, const float* xs, const floa
     r.ss += fast_exp(a_s);
     r.st += p;
     r.acc = fmaf(p, p > 0.0f ? a_t - a_s : 0.0f, r.acc);  // p = 0: no contribution even if a_s = -inf (nansum)
+    if (kCe) r.s1 += fast_exp(xs[k] - ms);
   }
 }
 
@@ -184,6 +188,7 @@ __device__ __forceinline__ Stats shfl_xor(const Stats& a, int offset) {
   b.mt = __shfl_xor_sync(0xffffffffu, a.mt, offset);
   b.st = __shfl_xor_sync(0xffffffffu, a.st, offset);
   b.acc = __shfl_xor_sync(0xffffffffu, a.acc, offset);
+  b.s1 = __shfl_xor_sync(0xffffffffu, a.s1, offset);
   return b;
 }
 
@@ -193,7 +198,7 @@ __device__ __forceinline__ Stats warp_merge(Stats a, float inv_t) {
   return a;
 }
 
-template <typename TS, typename TT>
+template <bool kCe, typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads) row_stats_kernel(const TS* __restrict__ student, int64_t s_stride,
                                                              const TT* __restrict__ teacher, int64_t t_stride,
                                                              int64_t width, const int64_t* __restrict__ row_index,
@@ -202,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const TS* __restric
   const int64_t row = row_index ? row_index[i] : i;
   const TS* s = student + row * s_stride;
   const TT* t = teacher + row * t_stride;
-  Stats r{-SALT_INF, 0.0f, -SALT_INF, 0.0f, 0.0f};
+  Stats r{-SALT_INF, 0.0f, -SALT_INF, 0.0f, 0.0f, 0.0f};
   int64_t done = 0;
   if (aligned16(s) && aligned16(t)) {
     const int64_t groups = width / kGroup;
@@ -210,13 +215,13 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const TS* __restric
       float xs[kGroup], xt[kGroup];
       load_group(s + g * kGroup, xs);
       load_group(t + g * kGroup, xt);
-      accumulate<kGroup>(r, xs, xt, inv_t);
+      accumulate<kCe, kGroup>(r, xs, xt, inv_t);
     }
     done = groups * kGroup;
   }
   for (int64_t j = done + threadIdx.x; j < width; j += kThreads) {  // tail, or a misaligned row
     const float xs = to_float(s[j]), xt = to_float(t[j]);
-    accumulate<1>(r, &xs, &xt, inv_t);
+    accumulate<kCe, 1>(r, &xs, &xt, inv_t);
   }
 
   __shared__ Stats partial[kThreads / 32];
@@ -225,26 +230,28 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const TS* __restric
   if (lane == 0) partial[warp] = r;
   __syncthreads();
   if (warp == 0) {
-    r = lane < kThreads / 32 ? partial[lane] : Stats{-SALT_INF, 0.0f, -SALT_INF, 0.0f, 0.0f};
+    r = lane < kThreads / 32 ? partial[lane] : Stats{-SALT_INF, 0.0f, -SALT_INF, 0.0f, 0.0f, 0.0f};
     r = warp_merge(r, inv_t);
     if (lane == 0) {
-      float* o = stats + 5 * i;
+      float* o = stats + (kCe ? 6 : 5) * i;
       o[0] = r.ms;
       o[1] = r.ss;
       o[2] = r.mt;
       o[3] = r.st;
       o[4] = r.acc;
+      if (kCe) o[5] = r.s1;
     }
   }
 }
 
 // ---- gradient ----
-template <typename TS, typename TT>
+template <bool kCe, typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads) student_grad_kernel(
     const TS* __restrict__ student, int64_t s_stride, const TT* __restrict__ teacher, int64_t t_stride,
     int64_t width, const int64_t* __restrict__ row_index, const float* __restrict__ max_s,
     const float* __restrict__ log_sum_s, const float* __restrict__ max_t, const float* __restrict__ log_sum_t,
-    const float* __restrict__ grad_rows, const float* __restrict__ teacher_grad_rows, float inv_t,
+    const float* __restrict__ grad_rows, const float* __restrict__ teacher_grad_rows,
+    const float* __restrict__ ce_log_sum_s, const float* __restrict__ ce_grad_rows, float inv_t,
     TS* __restrict__ out, int64_t out_stride) {
   const int64_t i = blockIdx.x;
   const int64_t row = row_index ? row_index[i] : i;
@@ -255,6 +262,8 @@ __global__ void __launch_bounds__(kThreads) student_grad_kernel(
   const float gs = grad_rows[i] * inv_t;  // weight of the student's term
   // minus the teacher's: q·g_s - p·g_t is then one multiply and one fma per element, as (q - p)·g was
   const float neg_gt = -(teacher_grad_rows ? teacher_grad_rows[i] : grad_rows[i]) * inv_t;
+  // the CE term at τ = 1: softmax(s)·g_ce = exp(s - (max_s + ce_log_sum_s))·g_ce
+  const float ce_shift = kCe ? m_s + ce_log_sum_s[i] : 0.0f, g_ce = kCe ? ce_grad_rows[i] : 0.0f;
   int64_t done = 0;
   if (aligned16(s) && aligned16(t) && aligned16(o)) {
     const int64_t groups = width / kGroup;
@@ -267,15 +276,19 @@ __global__ void __launch_bounds__(kThreads) student_grad_kernel(
         const float q = fast_exp(fmaf(xs[k] - m_s, inv_t, -l_s));
         const float p = fast_exp(fmaf(xt[k] - m_t, inv_t, -l_t));
         y[k] = fmaf(q, gs, p * neg_gt);
+        if (kCe) y[k] = fmaf(fast_exp(xs[k] - ce_shift), g_ce, y[k]);
       }
       store_group(o + g * kGroup, y);
     }
     done = groups * kGroup;
   }
   for (int64_t j = done + threadIdx.x; j < width; j += kThreads) {
-    const float q = fast_exp(fmaf(to_float(s[j]) - m_s, inv_t, -l_s));
+    const float x = to_float(s[j]);
+    const float q = fast_exp(fmaf(x - m_s, inv_t, -l_s));
     const float p = fast_exp(fmaf(to_float(t[j]) - m_t, inv_t, -l_t));
-    o[j] = from_float<TS>(fmaf(q, gs, p * neg_gt));
+    float y = fmaf(q, gs, p * neg_gt);
+    if (kCe) y = fmaf(fast_exp(x - ce_shift), g_ce, y);
+    o[j] = from_float<TS>(y);
   }
 }
 
@@ -314,8 +327,9 @@ int dispatch(int sd, int td, Args... args) {
 template <typename TS, typename TT>
 struct LaunchStats {
   static int run(const void* s, int64_t s_stride, const void* t, int64_t t_stride, int64_t rows, int64_t width,
-                 const int64_t* row_index, float inv_t, float* stats, cudaStream_t stream) {
-    row_stats_kernel<TS, TT><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
+                 const int64_t* row_index, float inv_t, int with_ce_sum, float* stats, cudaStream_t stream) {
+    auto kernel = with_ce_sum ? row_stats_kernel<true, TS, TT> : row_stats_kernel<false, TS, TT>;
+    kernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
         static_cast<const TS*>(s), s_stride, static_cast<const TT*>(t), t_stride, width, row_index, inv_t, stats);
     return static_cast<int>(cudaGetLastError());
   }
@@ -325,11 +339,14 @@ template <typename TS, typename TT>
 struct LaunchGrad {
   static int run(const void* s, int64_t s_stride, const void* t, int64_t t_stride, int64_t rows, int64_t width,
                  const int64_t* row_index, const float* max_s, const float* log_sum_s, const float* max_t,
-                 const float* log_sum_t, const float* grad_rows, const float* teacher_grad_rows, float inv_t,
-                 void* out, int64_t out_stride, cudaStream_t stream) {
-    student_grad_kernel<TS, TT><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
+                 const float* log_sum_t, const float* grad_rows, const float* teacher_grad_rows,
+                 const float* ce_log_sum_s, const float* ce_grad_rows, float inv_t, void* out, int64_t out_stride,
+                 cudaStream_t stream) {
+    auto kernel = ce_grad_rows ? student_grad_kernel<true, TS, TT> : student_grad_kernel<false, TS, TT>;
+    kernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
         static_cast<const TS*>(s), s_stride, static_cast<const TT*>(t), t_stride, width, row_index, max_s,
-        log_sum_s, max_t, log_sum_t, grad_rows, teacher_grad_rows, inv_t, static_cast<TS*>(out), out_stride);
+        log_sum_s, max_t, log_sum_t, grad_rows, teacher_grad_rows, ce_log_sum_s, ce_grad_rows, inv_t,
+        static_cast<TS*>(out), out_stride);
     return static_cast<int>(cudaGetLastError());
   }
 };
@@ -341,11 +358,11 @@ constexpr int64_t kMaxRows = 2147483647;  // gridDim.x
 extern "C" int salt_kl_row_stats_cuda(const void* student, int64_t student_row_stride, int student_dtype,
                                       const void* teacher, int64_t teacher_row_stride, int teacher_dtype,
                                       int64_t rows, int64_t width, const int64_t* row_index, float inv_temperature,
-                                      float* stats, int64_t stream) {
+                                      int with_ce_sum, float* stats, int64_t stream) {
   if (rows < 0 || width < 0 || rows > kMaxRows) return static_cast<int>(cudaErrorInvalidValue);
   if (rows == 0) return 0;
   return dispatch<LaunchStats>(student_dtype, teacher_dtype, student, student_row_stride, teacher,
-                               teacher_row_stride, rows, width, row_index, inv_temperature, stats,
+                               teacher_row_stride, rows, width, row_index, inv_temperature, with_ce_sum, stats,
                                reinterpret_cast<cudaStream_t>(stream));
 }
 
@@ -354,14 +371,16 @@ extern "C" int salt_kl_student_grad_cuda(const void* student, int64_t student_ro
                                          int64_t rows, int64_t width, const int64_t* row_index, const float* max_s,
                                          const float* log_sum_s, const float* max_t, const float* log_sum_t,
                                          const float* grad_rows, const float* teacher_grad_rows,
+                                         const float* ce_log_sum_s, const float* ce_grad_rows,
                                          float inv_temperature, void* out, int64_t out_row_stride,
                                          int64_t stream) {
   if (rows < 0 || width < 0 || rows > kMaxRows) return static_cast<int>(cudaErrorInvalidValue);
+  if ((ce_log_sum_s == nullptr) != (ce_grad_rows == nullptr)) return static_cast<int>(cudaErrorInvalidValue);
   if (rows == 0 || width == 0) return 0;
   return dispatch<LaunchGrad>(student_dtype, teacher_dtype, student, student_row_stride, teacher,
                               teacher_row_stride, rows, width, row_index, max_s, log_sum_s, max_t, log_sum_t,
-                              grad_rows, teacher_grad_rows, inv_temperature, out, out_row_stride,
-                              reinterpret_cast<cudaStream_t>(stream));
+                              grad_rows, teacher_grad_rows, ce_log_sum_s, ce_grad_rows, inv_temperature, out,
+                              out_row_stride, reinterpret_cast<cudaStream_t>(stream));
 }
 
 extern "C" const char* salt_kl_cuda_error_string(int code) {

@@ -72,36 +72,38 @@ class FusedKernels:
         ):
             raise RuntimeError(f"row_index holds a row out of range [0, {num_rows})")
 
-    def row_stats(self, student, teacher, temperature, row_index=None, trusted_rows=False):
+    def row_stats(self, student, teacher, temperature, with_ce_sum=False, row_index=None, trusted_rows=False):
         if not trusted_rows:  # the check reads row_index's min/max: on a GPU that synchronises
             self._check_row_index(row_index, student.shape[0])
         if not self.handles(student, teacher):
             if row_index is not None:
                 student, teacher = student.index_select(0, row_index), teacher.index_select(0, row_index)
-            return local_row_stats(student, teacher, temperature)
-        return self._call(self._module.row_stats, student.device, student, teacher, float(temperature), row_index)
+            return local_row_stats(student, teacher, temperature, with_ce_sum)
+        return self._call(self._module.row_stats, student.device, student, teacher, float(temperature), row_index,
+                          bool(with_ce_sum))
 
     def student_grad(
         self, student, teacher, max_s, log_sum_s, max_t, log_sum_t, grad_rows, temperature, out,
-        teacher_grad_rows=None, row_index=None, trusted_rows=False,
+        teacher_grad_rows=None, ce_log_sum_s=None, ce_grad_rows=None, row_index=None, trusted_rows=False,
     ):
         if not trusted_rows:
             self._check_row_index(row_index, student.shape[0])
         row_vectors = (max_s, log_sum_s, max_t, log_sum_t, grad_rows)
+        extra = {"teacher_grad_rows": teacher_grad_rows, "ce_log_sum_s": ce_log_sum_s, "ce_grad_rows": ce_grad_rows}
         if not self.handles(student, teacher, out) or out.dtype != student.dtype:
             if row_index is None:
-                local_student_grad(student, teacher, *row_vectors, temperature, out,
-                                   teacher_grad_rows=teacher_grad_rows)
+                local_student_grad(student, teacher, *row_vectors, temperature, out, **extra)
             else:
                 part = torch.empty(row_index.numel(), out.shape[1], dtype=out.dtype, device=out.device)
                 local_student_grad(student.index_select(0, row_index), teacher.index_select(0, row_index),
-                                   *row_vectors, temperature, part, teacher_grad_rows=teacher_grad_rows)
+                                   *row_vectors, temperature, part, **extra)
                 out.index_copy_(0, row_index, part)
             return
-        # both modules: (..., out, row_index, teacher_grad_rows); _call appends the stream for CUDA
+        # both modules: (..., out, row_index, teacher_grad_rows, ce_log_sum_s, ce_grad_rows); _call appends the
+        # stream for CUDA
         self._call(
             self._module.student_grad, student.device, student, teacher, *row_vectors, float(temperature), out,
-            row_index, teacher_grad_rows,
+            row_index, teacher_grad_rows, ce_log_sum_s, ce_grad_rows,
         )
 
 

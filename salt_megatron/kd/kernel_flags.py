@@ -7,7 +7,7 @@ Read by ``setup.py`` (ahead-of-time build, through ``runpy`` so that no part of 
 # The kernel contract's version: passed to the compiler as SALT_KL_CONTRACT_VERSION, exported by each compiled
 # module as CONTRACT_VERSION; a compiled module of another version is stale and is not used.  Bump it whenever the
 # contract (csrc/salt_kl.h) or the bindings' signatures change.
-CONTRACT_VERSION = 4
+CONTRACT_VERSION = 5
 DEFINES = [f"-DSALT_KL_CONTRACT_VERSION={CONTRACT_VERSION}"]
 
 # kind -> the sources, relative to csrc/

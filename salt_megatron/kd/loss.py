@@ -8,45 +8,12 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from salt_megatron.kd.checks import check_kd_weight, check_logits, check_temperature, compute_dtype
+from salt_megatron.kd.checks import check_kd_weight, check_logits, check_temperature
+from salt_megatron.kd.one_pass import KLAndCrossEntropy
 from salt_megatron.kd.select import select_kernels
 from salt_megatron.kd.sparse_kl import sparse_kd_and_cross_entropy
 from salt_megatron.kd.token_weights import TokenCorrectness, normalised_weights
-from salt_megatron.kd.vocab_parallel import combine_across_shards, vocab_parallel_kl_div
-
-
-class _KLAndCrossEntropy(torch.autograd.Function):
-    """KD and next-token CE of one unsharded, unpadded vocabulary at τ = 1 from the same pass.
-
-    At τ = 1 the student's softmax is the CE's, so the KD row statistics give CE = max_s + log_sum_s - s[label] for
-    free, and one gradient pass writes both terms: ``q·(g_kl + g_ce) - p·g_kl``, then ``-g_ce`` at each label.
-    This saves CE's own softmax passes and the sum of two vocabulary-sized gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, student, teacher, labels, kernels, correctness):
-        stats = kernels.row_stats(student, teacher, 1.0)
-        probe = None if correctness is None else correctness.on_shard(teacher, 0, None)
-        kl, row_stats, answer = combine_across_shards(stats, 1.0, None, probe)
-        label_logit = student.gather(1, labels[:, None]).squeeze(1).to(kl.dtype)
-        ce = row_stats[0] + row_stats[1] - label_logit
-        ctx.save_for_backward(student, teacher, labels, *row_stats)
-        ctx.kernels = kernels
-        answer = kl.new_empty(0) if answer is None else answer
-        ctx.mark_non_differentiable(answer)
-        return kl, ce, answer
-
-    @staticmethod
-    def backward(ctx, grad_kl, grad_ce, _grad_correctness):
-        student, teacher, labels, *row_stats = ctx.saved_tensors
-        compute = compute_dtype(student)
-        g_kl, g_ce = grad_kl.to(compute), grad_ce.to(compute)
-        grad = torch.empty_like(student)
-        if student.shape[0] > 0:
-            ctx.kernels.student_grad(student, teacher, *row_stats, g_kl + g_ce, 1.0, grad, teacher_grad_rows=g_kl)
-            rows = torch.arange(student.shape[0], device=student.device)
-            grad[rows, labels] -= g_ce.to(grad.dtype)
-        return grad, None, None, None, None
+from salt_megatron.kd.vocab_parallel import tp_rank_and_size, valid_columns, vocab_parallel_kl_div
 
 
 @dataclasses.dataclass
@@ -81,9 +48,9 @@ def salt_loss(
     megatron-core's vocab-parallel cross entropy (``tensor_parallel.vocab_parallel_cross_entropy``) when TP > 1.
     With ω = 0 the teacher's logits are not needed (pass None); with ω > 0 they are required.  The τ² factor
     (Hinton et al.) keeps the KD gradient's scale independent of τ; turn it off with
-    ``scale_kd_by_temperature_squared=False``.  ``fuse_ce_with_kd``: where it can (τ = 1, one unpadded vocabulary
-    shard, kernels with split gradient weights), take CE from the KD pass instead of a softmax of its own (the same
-    numbers, one pass fewer); ``False`` always computes the two apart.  ``kd_token_weighting``
+    ``scale_kd_by_temperature_squared=False``.  ``fuse_ce_with_kd``: take CE from the KD pass (any τ, TP and
+    padding; its numbers ride in the KD's two collectives) instead of a softmax of its own: the same numbers, one
+    pass over the logits fewer; ``False`` computes the two apart (megatron-core's vocab-parallel CE under TP).  ``kd_token_weighting``
     (``salt_megatron.kd.token_weights``; ``kd_token_topk`` is teacher_topk's k): ω per token is ω·w, w how right
     the teacher is about the token, normalised to mean 1 over the kept tokens, measured in the KD loss's own pass
     and collectives; the loss per token is max(0, 1-ω·w)·CE + ω·w·[τ²]·KD.
@@ -108,13 +75,15 @@ def salt_loss(
     if kd_weight > 0 and kd_token_weighting != "none":
         correctness = TokenCorrectness(kd_token_weighting, labels.reshape(-1), kd_token_topk)
     token_correctness = None
-    if kd_weight > 0 and fuse_ce_with_kd and temperature == 1.0 and not sharded and \
-            (vocab_size is None or vocab_size == width) and kernels.supports_split_grad:
-        # one vocabulary, no padding, τ = 1: KD and CE from the same pass (see _KLAndCrossEntropy)
+    if kd_weight > 0 and fuse_ce_with_kd and kernels.supports_split_grad:
+        # KD and CE from the same pass (salt_megatron.kd.one_pass)
         check_logits(student_logits, teacher_logits)
-        kd_tokens, ce_tokens, token_correctness = _KLAndCrossEntropy.apply(
+        tp_rank, tp_size = tp_rank_and_size(tp_group if sharded else None)
+        valid = valid_columns(width, vocab_size, tp_rank, tp_size)
+        padded = vocab_size is not None and vocab_size < width * tp_size  # the same on every rank
+        kd_tokens, ce_tokens, token_correctness = KLAndCrossEntropy.apply(
             student_logits.reshape(-1, width), teacher_logits.detach().reshape(-1, width), labels.reshape(-1),
-            kernels, correctness,
+            float(temperature), valid, padded, tp_group if sharded else None, kernels, correctness,
         )
         kd_tokens, ce_tokens = kd_tokens.view(labels.shape), ce_tokens.view(labels.shape)
         token_correctness = None if correctness is None else token_correctness

@@ -24,8 +24,10 @@ def _row_chunks(num_rows: int, width: int, device: torch.device):
         yield start, min(num_rows, start + step)
 
 
-def local_row_stats(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-row statistics of one vocabulary shard, fp32 ``[N, 5]`` (see ``salt_megatron.kd.protocol``).
+def local_row_stats(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                    with_ce_sum: bool = False) -> torch.Tensor:
+    """Per-row statistics of one vocabulary shard, fp32 ``[N, 5]``, or ``[N, 6]`` with ``with_ce_sum`` (the
+    student's Σ exp(s - max_s) at τ = 1 as a sixth column; see ``salt_megatron.kd.protocol``).
 
     Everything is relative to the row maxima of the raw logits: ``x - max_x`` is exact near the maximum, and the
     partial KL never subtracts two large numbers, which keeps ±1e4 logits accurate in fp32.  The maxima of a shard
@@ -33,7 +35,7 @@ def local_row_stats(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     """
     n, w = student.shape
     compute = compute_dtype(student)
-    stats = torch.empty(n, 5, dtype=compute, device=student.device)
+    stats = torch.empty(n, 6 if with_ce_sum else 5, dtype=compute, device=student.device)
     if w == 0:  # this rank holds only padding: it contributes nothing
         stats.zero_()
         stats[:, 0:3:2] = float("-inf")  # the maxima (basic slicing: a tuple index would synchronise a GPU)
@@ -49,6 +51,8 @@ def local_row_stats(student: torch.Tensor, teacher: torch.Tensor, temperature: f
         # a shard row that is all -inf has max -inf: shift it by 0 instead (-inf - -inf is NaN); its sums are 0
         m_s = torch.where(torch.isfinite(m_s), m_s, torch.zeros_like(m_s))
         m_t = torch.where(torch.isfinite(m_t), m_t, torch.zeros_like(m_t))
+        if with_ce_sum:
+            stats[lo:hi, 5] = (s - m_s).exp_().sum(dim=-1)
         a_s = (s - m_s).mul_(inv_t)  # log of the unnormalised student probabilities, <= 0
         a_t = (t - m_t).mul_(inv_t)
         p_t = a_t.exp()
@@ -70,12 +74,18 @@ def local_student_grad(
     temperature: float,
     out: torch.Tensor,
     teacher_grad_rows: torch.Tensor | None = None,
+    ce_log_sum_s: torch.Tensor | None = None,
+    ce_grad_rows: torch.Tensor | None = None,
 ) -> None:
-    """Write ``(q·g - p·g_t)/τ`` into ``out`` (student dtype), chunk by chunk; ``g_t`` defaults to ``g``.
+    """Write ``(q·g - p·g_t)/τ [+ q1·g_ce]`` into ``out`` (student dtype), chunk by chunk; ``g_t`` defaults to ``g``.
 
     ``q = exp((s - max_s)/τ - log_sum_s)`` = softmax(s/τ) with the global row max and log-sum-exp, same for p;
-    ``g`` = ``grad_rows``, ``g_t`` = ``teacher_grad_rows`` (weighting the terms apart folds a CE gradient in).
+    ``g`` = ``grad_rows``, ``g_t`` = ``teacher_grad_rows`` (weighting the terms apart folds a CE gradient in at
+    τ = 1); ``q1 = exp(s - max_s - ce_log_sum_s)`` = softmax(s) at τ = 1, weighted by ``ce_grad_rows`` (the CE
+    gradient at τ ≠ 1, less the one-hot the caller subtracts).
     """
+    if (ce_log_sum_s is None) != (ce_grad_rows is None):
+        raise ValueError("ce_log_sum_s and ce_grad_rows go together")
     n, w = student.shape
     inv_t = 1.0 / temperature
     compute = compute_dtype(student)
@@ -86,6 +96,9 @@ def local_student_grad(
             q.sub_(p).mul_((grad_rows[lo:hi] * inv_t)[:, None])
         else:
             q.mul_((grad_rows[lo:hi] * inv_t)[:, None]).sub_(p.mul_((teacher_grad_rows[lo:hi] * inv_t)[:, None]))
+        if ce_grad_rows is not None:
+            shift = (max_s[lo:hi] + ce_log_sum_s[lo:hi])[:, None]
+            q.add_(torch.sub(student[lo:hi].to(compute), shift).exp_().mul_(ce_grad_rows[lo:hi, None].to(compute)))
         out[lo:hi].copy_(q)
 
 
@@ -98,14 +111,14 @@ class TorchKernels:
     supports_split_grad: bool = True
 
     @staticmethod
-    def row_stats(student, teacher, temperature):
-        return local_row_stats(student, teacher, temperature)
+    def row_stats(student, teacher, temperature, with_ce_sum=False):
+        return local_row_stats(student, teacher, temperature, with_ce_sum)
 
     @staticmethod
     def student_grad(student, teacher, max_s, log_sum_s, max_t, log_sum_t, grad_rows, temperature, out,
-                     teacher_grad_rows=None):
+                     teacher_grad_rows=None, ce_log_sum_s=None, ce_grad_rows=None):
         local_student_grad(student, teacher, max_s, log_sum_s, max_t, log_sum_t, grad_rows, temperature, out,
-                           teacher_grad_rows=teacher_grad_rows)
+                           teacher_grad_rows=teacher_grad_rows, ce_log_sum_s=ce_log_sum_s, ce_grad_rows=ce_grad_rows)
 
 
 TORCH_KERNELS = TorchKernels()

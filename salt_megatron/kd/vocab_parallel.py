@@ -48,26 +48,34 @@ def valid_columns(shard_width: int, vocab_size: int | None, tp_rank: int, tp_siz
     return max(0, min(shard_width, vocab_size - tp_rank * shard_width))
 
 
-def combine_across_shards(stats: torch.Tensor, temperature: float, tp_group, probe=None):
+def combine_across_shards(stats: torch.Tensor, temperature: float, tp_group, probe=None, ce=None):
     """Exactly two collectives (MAX of maxima, SUM of rescaled sums).
 
-    Returns ``kl``, the global row statistics backward needs: ``(max_s, log_sum_s, max_t, log_sum_t)``, and the
+    Returns ``kl``, the global row statistics backward needs: ``(max_s, log_sum_s, max_t, log_sum_t)``, the
     per-row answer of ``probe`` (``salt_megatron.kd.token_weights.ShardProbe``, token weighting; None without one),
-    whose numbers ride in the same two collectives.
+    and that of ``ce`` (``salt_megatron.kd.one_pass.ShardCE``, the next-token CE from this pass: ``(ce per row, its
+    log-sum relative to max_s)``; None without one), whose numbers ride in the same two collectives.
     Only basic slicing here: indexing with a Python tuple copies the index to the GPU from pageable memory, which
     synchronises the stream and left the GPU idle while the few small ops below were launched (seen on an H100).
     """
     if tp_group is None:  # one shard: the local maxima are global, nothing to rescale (the same numbers, 5 ops)
-        max_s, sum_s, max_t, sum_t, partial = stats.unbind(1)
+        max_s, sum_s, max_t, sum_t, partial = stats[:, :5].unbind(1)
         log_sum_s, log_sum_t = torch.log(sum_s), torch.log(sum_t)
-        answer = None
+        answer = ce_answer = None
         if probe is not None:
             label = probe.local_label_logit(stats.dtype)
             answer = probe.finish(label, probe.local_count_above(label), max_t, log_sum_t, temperature)
-        return partial / sum_t - log_sum_t + log_sum_s, (max_s, log_sum_s, max_t, log_sum_t), answer
+        if ce is not None:
+            ce_max = ce.local_max()
+            ce_max = max_s if ce_max is None else ce_max
+            ce_answer = ce.finish(ce_max, *ce.local_sums(ce_max), max_s)
+        return partial / sum_t - log_sum_t + log_sum_s, (max_s, log_sum_s, max_t, log_sum_t), answer, ce_answer
     local_max = stats[:, 0:3:2]
-    maxima = (local_max.contiguous() if probe is None
-              else torch.cat((local_max, probe.local_label_logit(stats.dtype)[:, None]), dim=1))
+    extra_max = [] if probe is None else [probe.local_label_logit(stats.dtype)]
+    ce_max = None if ce is None else ce.local_max()
+    if ce_max is not None:
+        extra_max.append(ce_max)
+    maxima = torch.cat((local_max, *(x[:, None] for x in extra_max)), dim=1) if extra_max else local_max.contiguous()
     torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=tp_group)
     global_max = maxima[:, 0:2]
     # shift = (local max - global max)/τ <= 0.  exp(shift) rescales this shard's sums; a shard of padding only
@@ -78,6 +86,9 @@ def combine_across_shards(stats: torch.Tensor, temperature: float, tp_group, pro
     # the partial KL was taken relative to the local maxima; moving it to the global ones adds S_t·(Δt - Δs)
     partial = stats[:, 4] + stats[:, 3] * (shift[:, 1] - shift[:, 0])
     columns = [stats[:, 1] * scale[:, 0], stats[:, 3] * scale[:, 1], partial * scale[:, 1]]
+    if ce is not None:  # CE's sum relative to its global maximum, and the label logit
+        ce_max = global_max[:, 0] if ce_max is None else maxima[:, -1]
+        columns += ce.local_sums(ce_max)
     count = None if probe is None else probe.local_count_above(maxima[:, 2])
     sums = torch.stack(columns if count is None else [*columns, count], dim=1)
     torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=tp_group)
@@ -85,10 +96,12 @@ def combine_across_shards(stats: torch.Tensor, temperature: float, tp_group, pro
     log_sum_s, log_sum_t = torch.log(sums[:, 0]), torch.log(sums[:, 1])
     # KL = Σ p·((t - max_t) - (s - max_s))/τ - log_sum_t + log_sum_s
     kl = sums[:, 2] / sums[:, 1] - log_sum_t + log_sum_s
-    answer = None
+    answer = ce_answer = None
     if probe is not None:
-        answer = probe.finish(maxima[:, 2], None if count is None else sums[:, 3], max_t, log_sum_t, temperature)
-    return kl, (max_s, log_sum_s, max_t, log_sum_t), answer
+        answer = probe.finish(maxima[:, 2], None if count is None else sums[:, -1], max_t, log_sum_t, temperature)
+    if ce is not None:
+        ce_answer = ce.finish(ce_max, sums[:, 3], sums[:, 4], max_s)
+    return kl, (max_s, log_sum_s, max_t, log_sum_t), answer, ce_answer
 
 
 class _VocabParallelKLDiv(torch.autograd.Function):
@@ -118,7 +131,7 @@ class _VocabParallelKLDiv(torch.autograd.Function):
                 kept_teacher = t_rows.index_select(0, row_index) if by_index else t_rows
                 probe = correctness.on_shard(kept_teacher, tp_rank_and_size(tp_group)[0] * student.shape[1],
                                              row_index)
-            kl_rows, row_stats, answer = combine_across_shards(stats, temperature, tp_group, probe)
+            kl_rows, row_stats, answer, _ = combine_across_shards(stats, temperature, tp_group, probe)
         ctx.save_for_backward(student, teacher, row_index, *row_stats)
         ctx.temperature, ctx.valid_columns, ctx.kernels = temperature, valid_columns, kernels
         if correctness is None:

@@ -18,6 +18,7 @@ from salt_megatron.distributed import data_parallel_size
 from salt_megatron.kd.checks import check_kd_weight, check_temperature
 from salt_megatron.training.guards import add_exit_args
 from salt_megatron.training.metrics import LOG_FORMATS
+from salt_megatron.training.performance_arguments import add_performance_args, resolve_performance_args
 from salt_megatron.training.salt_arguments import _Renamed, add_salt_args
 from salt_megatron.errors import ArgumentParser, UsageError, one_line, require_modules
 
@@ -161,8 +162,8 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
         description="Pretrain a GPT model on megatron-core; with --teacher-load, SALT (KD from a small LM first).",
     )
     p.add_argument("--config", default=None, help="YAML file of flag defaults (command-line flags win)")
-    for add in (add_model_args, add_parallel_args, add_data_args, add_training_args, add_checkpoint_args,
-                add_exit_args, add_logging_args, add_deepspeed_args, add_salt_args):
+    for add in (add_model_args, add_parallel_args, add_performance_args, add_data_args, add_training_args,
+                add_checkpoint_args, add_exit_args, add_logging_args, add_deepspeed_args, add_salt_args):
         add(p)
     return p
 
@@ -231,6 +232,7 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
                       "on a CPU train in fp32")
     if args.train_iters < 1:
         errors.append("--train-iters must be >= 1")
+    errors += resolve_performance_args(args, cuda=_cuda_available())
     errors += extra_valid_errors(args)
     if args.num_layers % args.pipeline_model_parallel_size:
         errors.append(f"--num-layers ({args.num_layers}) must be divisible by --pipeline-model-parallel-size")

@@ -63,10 +63,12 @@ class MegatronBackend:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        from salt_megatron.training.performance_arguments import ddp_and_optimizer_kwargs
+
+        ddp_kwargs, optimizer_kwargs = ddp_and_optimizer_kwargs(args)
         ddp = DistributedDataParallel(
             config=gpt_model.config,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                     use_distributed_optimizer=False),
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, **ddp_kwargs),
             module=gpt_model,
         )
         # what Megatron-LM's training loop wires into the config: no_sync for gradient accumulation and the
@@ -76,7 +78,7 @@ class MegatronBackend:
         config = OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-            bf16=args.bf16, fp16=args.fp16, params_dtype=params_dtype, use_distributed_optimizer=False,
+            bf16=args.bf16, fp16=args.fp16, params_dtype=params_dtype, **optimizer_kwargs,
         )
         return cls(ddp, get_megatron_optimizer(config, [ddp]))
 

@@ -38,6 +38,7 @@ def checkpoint_meta(run: Run) -> dict:
         "fingerprint": from_last_rank(model_fingerprint(run.backend.model, run.arch)),
         "init_fingerprint": run.init_fingerprint,
         "params_dtype": str(params_dtype(args)),
+        "transformer_impl": args.transformer_impl,  # the layer spec (either reads the other's checkpoints)
         "run_record": run.record,
         "overrides": run.overrides,
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},

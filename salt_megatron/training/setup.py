@@ -25,6 +25,7 @@ from salt_megatron.training.backends import DeepSpeedBackend, MegatronBackend, b
 from salt_megatron.training.consistency import check_resume, run_record
 from salt_megatron.training.evaluate import model_fingerprint
 from salt_megatron.training.metrics import MetricsWriter
+from salt_megatron.training.performance_arguments import transformer_config_kwargs
 from salt_megatron.training.state import Data, Run, TrainState
 
 
@@ -250,12 +251,14 @@ def _with_cached_teacher(args, inputs: Inputs, salt: SaltConfig, train, selectio
 
 def build_student(args, arch: GPTArchitecture):
     """The student GPTModel in its backend, and megatron-core's LR schedule over the backend's optimizer."""
+    layers = dict(use_transformer_engine=args.transformer_impl == "transformer_engine",
+                  config_overrides=transformer_config_kwargs(args))
     if args.deepspeed:
         # fp32 weights: DeepSpeed casts the module to the JSON's precision itself
-        backend = DeepSpeedBackend.build(build_gpt_model(arch, params_dtype=torch.float32), args)
+        backend = DeepSpeedBackend.build(build_gpt_model(arch, params_dtype=torch.float32, **layers), args)
     else:
         dtype = params_dtype(args)
-        backend = MegatronBackend.build(build_gpt_model(arch, params_dtype=dtype), args, dtype)
+        backend = MegatronBackend.build(build_gpt_model(arch, params_dtype=dtype, **layers), args, dtype)
     return backend, build_lr_scheduler(backend.optimizer, args)
 
 
@@ -272,7 +275,8 @@ def build_teacher(args, salt: SaltConfig, inputs: Inputs, writer: MetricsWriter)
     rng = checkpointing.rng_state()  # building the teacher draws init numbers: keep the student's stream
     pgs = whole_model_process_groups() if args.pipeline_model_parallel_size > 1 else None
     teacher = Teacher(meta, params_dtype=params_dtype(args), is_last_stage=parallel_state.is_pipeline_last_stage(),
-                      tp_group=parallel_state.get_tensor_model_parallel_group(), pg_collection=pgs)
+                      tp_group=parallel_state.get_tensor_model_parallel_group(), pg_collection=pgs,
+                      use_transformer_engine=args.transformer_impl == "transformer_engine")
     checkpointing.set_rng_state(rng)
     schedule = salt.schedule
     origin = (f"imported from {meta['imported_from']['path']}" if meta.get("imported_from")

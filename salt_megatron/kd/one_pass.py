@@ -1,0 +1,112 @@
+"""Next-token CE from the KD loss's own pass over the student's logits: any τ, tensor parallelism, padding.
+
+CE needs, per row, ``log Σ_v exp(s_v)`` over the student's whole (padded) vocabulary, as megatron-core's
+vocab-parallel CE computes it, and the logit of the true token.  The KD kernels already read every logit: at τ = 1
+their student sum is CE's sum; at τ ≠ 1 they also sum ``exp(s - max_s)`` in the same read (``with_ce_sum``).  The
+few padding columns (Megatron's vocabulary padding: in CE's softmax, in neither KD distribution) are added here.
+CE's numbers ride in the KD's two collectives (one more column in each), so TP costs no collective of its own.
+
+The gradient is one pass too: ``(q - p)/τ·g_kl + q1·g_ce`` on the real columns (q1 = CE's softmax; at τ = 1
+without padding q1 = q, and the kernels' split weights give ``q·(g_kl + g_ce) - p·g_kl``), ``q1·g_ce`` on the
+padding, then ``-g_ce`` at each row's label on the shard that holds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from salt_megatron.kd.checks import compute_dtype
+from salt_megatron.kd.vocab_parallel import combine_across_shards, tp_rank_and_size
+
+
+@dataclasses.dataclass
+class ShardCE:
+    """One shard's part of the one-pass CE, called by ``combine_across_shards`` around its collectives.
+
+    ``sum_valid``: Σ exp(s - max_valid) over the shard's real columns (``max_valid`` = the KD statistics' student
+    maximum); ``pad``: the shard's padding columns ``[N, P]``; ``padded``: whether any shard has padding (the same
+    on every rank, so the collectives have the same shape everywhere).
+    """
+
+    max_valid: torch.Tensor
+    sum_valid: torch.Tensor
+    label_logit: torch.Tensor  # the student's logit of the true token where this shard holds it, else 0
+    pad: torch.Tensor
+    padded: bool
+
+    def local_max(self) -> torch.Tensor | None:
+        """[N] for the MAX collective: the shard's maximum over all its columns, padding included (None without
+        padding anywhere: then CE's maximum is the KD's)."""
+        if not self.padded:
+            return None
+        if self.pad.shape[1] == 0:
+            return self.max_valid
+        return torch.maximum(self.max_valid, self.pad.to(self.max_valid.dtype).amax(1))
+
+    def local_sums(self, ce_max: torch.Tensor) -> list[torch.Tensor]:
+        """[N] columns for the SUM collective: Σ exp(s - ce_max) over this shard's columns, and the label logit."""
+        present = torch.isfinite(self.max_valid)  # a shard whose real columns are all -inf adds nothing there
+        shift = torch.where(present, self.max_valid - ce_max, torch.zeros_like(ce_max))
+        total = torch.where(present, self.sum_valid * shift.exp(), torch.zeros_like(ce_max))
+        if self.pad.shape[1] > 0:
+            total = total + (self.pad.to(ce_max.dtype) - ce_max[:, None]).exp().sum(1)
+        return [total, self.label_logit]
+
+    @staticmethod
+    def finish(ce_max, total, label_logit, max_s):
+        """Per row: CE, and its log-sum relative to the KD's global student maximum (what the kernels' q1 takes)."""
+        log_sum = ce_max + torch.log(total)
+        return log_sum - label_logit, log_sum - max_s
+
+
+class KLAndCrossEntropy(torch.autograd.Function):
+    """KD and next-token CE of one vocabulary shard from the same pass over the logits (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, temperature, valid, padded, tp_group, kernels, correctness):
+        # student/teacher: one shard [N, W], its first `valid` columns real; labels: [N] global token ids;
+        # padded: whether any shard has padding columns
+        first_column = tp_rank_and_size(tp_group)[0] * student.shape[1]
+        local, on_shard = labels_on_shard(labels, first_column, valid)
+        stats = kernels.row_stats(student[:, :valid], teacher[:, :valid], temperature, temperature != 1.0)
+        label_logit = student.gather(1, local[:, None]).squeeze(1).to(stats.dtype)
+        ce_part = ShardCE(max_valid=stats[:, 0], sum_valid=stats[:, 5 if temperature != 1.0 else 1],
+                          label_logit=torch.where(on_shard, label_logit, torch.zeros_like(label_logit)),
+                          pad=student[:, valid:], padded=padded)
+        probe = None if correctness is None else correctness.on_shard(teacher[:, :valid], first_column, None)
+        kl, row_stats, answer, (ce, ce_log_sum) = combine_across_shards(stats, temperature, tp_group, probe, ce_part)
+        ctx.save_for_backward(student, teacher, local, on_shard, *row_stats, ce_log_sum)
+        ctx.kernels, ctx.temperature, ctx.valid, ctx.padded = kernels, temperature, valid, padded
+        answer = kl.new_empty(0) if answer is None else answer
+        ctx.mark_non_differentiable(answer)
+        return kl, ce, answer
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_ce, _grad_correctness):
+        student, teacher, local, on_shard, *row_stats, ce_log_sum = ctx.saved_tensors
+        compute, w, tau = compute_dtype(student), ctx.valid, ctx.temperature
+        g_kl, g_ce = grad_kl.to(compute), grad_ce.to(compute)
+        grad = torch.empty_like(student)
+        if student.shape[0] > 0 and w > 0:
+            s, t, out = student[:, :w], teacher[:, :w], grad[:, :w]
+            if tau == 1.0 and not ctx.padded:  # q is CE's softmax too
+                ctx.kernels.student_grad(s, t, *row_stats, g_kl + g_ce, 1.0, out, teacher_grad_rows=g_kl)
+            else:
+                ctx.kernels.student_grad(s, t, *row_stats, g_kl, tau, out, ce_log_sum_s=ce_log_sum, ce_grad_rows=g_ce)
+        if w < student.shape[1]:  # padding: in CE's softmax only
+            max_s = row_stats[0]
+            q1 = (student[:, w:].to(compute) - (max_s + ce_log_sum)[:, None]).exp_()
+            grad[:, w:] = q1.mul_(g_ce[:, None])
+        # the one-hot of CE's gradient, on the shard that holds the label (a scatter: no host sync on a GPU)
+        minus = torch.where(on_shard, -g_ce, torch.zeros_like(g_ce)).to(grad.dtype)
+        grad.scatter_add_(1, local[:, None], minus[:, None])
+        return grad, None, None, None, None, None, None, None, None
+
+
+def labels_on_shard(labels: torch.Tensor, first_column: int, valid: int):
+    """Each label's column on this shard (0 where another shard holds it) and whether this shard holds it."""
+    local = labels - first_column
+    on_shard = (local >= 0) & (local < valid)
+    return torch.where(on_shard, local, torch.zeros_like(local)), on_shard

@@ -1,0 +1,51 @@
+"""megatron-core's speed and memory switches (``training/performance_arguments.py``) on CPU processes over gloo:
+each must train the same numbers as the run without it (they change where and when things are computed, not what),
+with the teacher, and resume exactly.  (Sequence parallelism needs TE's or apex's LayerNorm: a GPU-only path.)"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.conftest import STUDENT, pretrain
+
+
+def _train(history):
+    return [(h["loss"], h["ce"]) for h in history["train"]]
+
+
+def _same(a, b, rel):
+    assert len(a["train"]) == len(b["train"])
+    for (loss_a, ce_a), (loss_b, ce_b) in zip(_train(a), _train(b)):
+        assert loss_a == pytest.approx(loss_b, rel=rel) and ce_a == pytest.approx(ce_b, rel=rel)
+
+
+def _common(corpus, teacher_dir, *extra):
+    return ["--data-path", corpus, *STUDENT, "--global-batch-size", "4", "--train-iters", "4", "--eval-iters", "1",
+            "--teacher-load", teacher_dir, "--kd-steps", "2", "--kd-weight", "0.5", "--kd-temperature", "2.0", *extra]
+
+
+def test_distributed_optimizer_with_overlaps_trains_and_resumes_like_plain_adam(corpus, teacher_dir, tmp_path):
+    """DP = 2: megatron-core's distributed optimizer (reduce-scatter of gradients, all-gather of parameters), with
+    the gradient reduction and the parameter gather overlapped, against the plain optimizer; then 2 steps + resume."""
+    save = str(tmp_path / "run")
+    flags = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+    plain, sharded = pretrain(2, _common(corpus, teacher_dir), _common(corpus, teacher_dir, *flags, "--save", save,
+                                                                       "--save-interval", "2"))
+    _same(plain, sharded, rel=1e-5)
+    resumed, = pretrain(2, _common(corpus, teacher_dir, *flags, "--load", os.path.join(save, "iter_0000002")))
+    assert _train(resumed) == _train(sharded)[2:]
+
+
+def test_recomputation_trains_the_same_numbers(corpus, teacher_dir):
+    """Selective (attention's core) and full recomputation (uniform groups, or the first layers of the stage) at
+    TP = 2: the same losses as storing the activations."""
+    tp = ["--tensor-model-parallel-size", "2"]
+    full = ["--recompute-granularity", "full", "--recompute-num-layers", "1", "--recompute-method"]
+    plain, *recomputed = pretrain(2, _common(corpus, teacher_dir, *tp),
+                                  _common(corpus, teacher_dir, *tp, "--recompute-activations"),
+                                  _common(corpus, teacher_dir, *tp, *full, "uniform"),
+                                  _common(corpus, teacher_dir, *tp, *full, "block"))
+    for run in recomputed:
+        _same(plain, run, rel=1e-6)
