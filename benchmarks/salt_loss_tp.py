@@ -7,7 +7,7 @@ Two gloo processes on this machine, one thread each, are the two TP ranks; each 
 student's and the teacher's logits (the last rank's last columns are Megatron's vocabulary padding).  Each method
 runs ``--reps`` times after one warm-up, interleaved, and the median is reported; ratios are within this one run.
 
-    python benchmarks/salt_loss_tp.py                       # N = 2048, V = 32000 padded to 32768, fp32
+    python benchmarks/salt_loss_tp.py                       # N = 2048, V = 50257 (GPT-2's) padded to 50432, fp32
     python benchmarks/salt_loss_tp.py --tokens 1024 --vocab 50257 --dtype bf16
 """
 
@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-TAU, OMEGA = 2.0, 0.5
+OMEGA = 0.5
 METHODS = ("kd_alone", "one_pass", "ce_apart")
 
 
@@ -29,10 +29,9 @@ def _worker(rank, world_size, port, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     import torch
 
-    import salt_megatron  # noqa: F401  (megatron-core's CPU patches)
-    from megatron.core import parallel_state
+    from salt_megatron.kd import salt_loss, vocab_parallel_kl_div  # first: the package patches megatron-core for CPU
 
-    from salt_megatron.kd import salt_loss, vocab_parallel_kl_div
+    from megatron.core import parallel_state  # noqa: E402
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
@@ -47,11 +46,12 @@ def _worker(rank, world_size, port, args, queue):
     labels = torch.randint(0, args.vocab, (args.tokens,), generator=torch.Generator().manual_seed(7))
 
     def kd_alone():
-        vocab_parallel_kl_div(student, teacher, temperature=TAU, vocab_size=args.vocab, tp_group=group).mean().backward()
+        vocab_parallel_kl_div(student, teacher, temperature=args.temperature, vocab_size=args.vocab,
+                              tp_group=group).mean().backward()
 
     def salt(fuse):
-        salt_loss(student, labels, teacher, kd_weight=OMEGA, temperature=TAU, vocab_size=args.vocab, tp_group=group,
-                  fuse_ce_with_kd=fuse).loss.backward()
+        salt_loss(student, labels, teacher, kd_weight=OMEGA, temperature=args.temperature, vocab_size=args.vocab,
+                  tp_group=group, fuse_ce_with_kd=fuse).loss.backward()
 
     fns = {"kd_alone": kd_alone, "one_pass": lambda: salt(True), "ce_apart": lambda: salt(False)}
     times = {m: [] for m in METHODS}
@@ -72,8 +72,10 @@ def _worker(rank, world_size, port, args, queue):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048, help="N, rows of logits per rank (default 2048)")
-    ap.add_argument("--vocab", type=int, default=32000, help="the real vocabulary; padded to a multiple of 256")
+    ap.add_argument("--vocab", type=int, default=50257,
+                    help="the real vocabulary (default: GPT-2's); padded to a multiple of 256")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--temperature", type=float, default=2.0, help="τ (default 2; the CPU kernel squares an exp at 2)")
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args()
 
@@ -92,7 +94,7 @@ def main():
     med = result["medians"]
     kernel = "fused" if build.cpu_kernel_available() else "torch"
     print(f"SALT loss fwd+bwd, TP = 2 (gloo, 1 thread per rank, {os.cpu_count()} CPUs), N = {args.tokens} per rank, "
-          f"V = {args.vocab} padded to {result['padded']}, {args.dtype}, tau = {TAU}, omega = {OMEGA}, "
+          f"V = {args.vocab} padded to {result['padded']}, {args.dtype}, tau = {args.temperature}, omega = {OMEGA}, "
           f"{kernel} kernels, median of {args.reps}")
     print(f"{'method':>9} {'time ms':>9} {'x kd_alone':>11}")
     for m in METHODS:

@@ -116,12 +116,12 @@ def test_split_grad_teacher_grad_rows(device, dtype, with_index):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_index", [False, True])
-def test_ce_sum_and_ce_gradient_term(device, dtype, with_index):
+@pytest.mark.parametrize("tau", [1.6, 2.0])
+def test_ce_sum_and_ce_gradient_term(device, dtype, with_index, tau):
     """with_ce_sum: a sixth statistic Σ exp(s - max_s) from the same read (the other five unchanged), and the
-    q1·g_ce gradient term of the one-pass CE at τ ≠ 1, against the PyTorch kernels: long rows, odd widths, the
-    extreme rows."""
+    q1·g_ce gradient term of the one-pass CE at τ ≠ 1 (at τ = 2 the CPU kernel squares the exp it has), against the
+    PyTorch kernels: long rows, odd widths, the extreme rows."""
     kernels = fused_kernels_on(device)
-    tau = 1.6
     cases = [split_grad_inputs(9, width, 50, dtype, device) for width in (1030, 32768, 1001)]
     s64, t64 = extreme_rows(4099 if device == "cpu" else 4100)
     s64, t64 = s64.clamp(min=-6e4, max=6e4), t64.clamp(min=-6e4, max=6e4)  # finite in fp16
@@ -158,7 +158,7 @@ def test_ce_sum_and_ce_gradient_term(device, dtype, with_index):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("omega", [0.3, 1.0])
 @pytest.mark.parametrize("vocab", [300, 1030])
-@pytest.mark.parametrize("tau,pad", [(1.0, 0), (1.6, 0), (1.0, 3), (0.8, 5)])
+@pytest.mark.parametrize("tau,pad", [(1.0, 0), (1.6, 0), (1.0, 3), (0.8, 5), (2.0, 4)])
 def test_salt_loss_one_pass_ce_and_kd_equals_the_separate_terms(monkeypatch, device, dtype, omega, vocab, tau, pad):
     """salt_loss takes CE from the KD pass (through the kernels' teacher_grad_rows at τ = 1 unpadded, through
     with_ce_sum and the q1 term otherwise; the fused kernel writes the gradient: no fallback); loss, CE, KD and the

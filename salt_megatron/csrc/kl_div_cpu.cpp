@@ -5,7 +5,8 @@
 // relative to them (a = (x - max)/τ), merged into the row's running statistics with the online-softmax rescale
 // (the same formula salt_megatron/kd/vocab_parallel.py uses across TP shards), so a growing maximum costs one
 // rescale per chunk, not per element.  With the CE sum (τ != 1) the same read also sums exp(s - max_s), the
-// student's softmax at τ = 1.  The grad is one more pass that writes each element once.  OpenMP over rows,
+// student's softmax at τ = 1: one more exp per element, or at τ = 2 the square of the exp already taken
+// (exp((s - m)/2)² = exp(s - m)), a multiply.  The grad is one more pass that writes each element once.  OpenMP over rows,
 // `#pragma omp simd` inner loops with a branch-free exp so the compiler vectorises them, compiled once per CPU
 // level (cpu_common.h).
 #include "salt_kl.h"
@@ -78,7 +79,10 @@ SALT_INLINE RowStats merge(const RowStats& a, const RowStats& b, float inv_t) {
   return r;
 }
 
-template <bool kCe, typename TS, typename TT>
+// How the CE sum's exp(s - m) is had: not at all, by its own exp, or (τ = 2) as the square of exp((s - m)/τ).
+enum CeMode { kNoCe = 0, kCeExp = 1, kCeSquare = 2 };
+
+template <int kCe, typename TS, typename TT>
 SALT_INLINE void stats_row(const TS* s, const TT* t, int64_t width, float inv_t, float* out) {
   alignas(64) float buf_s[kChunk];
   alignas(64) float buf_t[kChunk];
@@ -102,7 +106,8 @@ SALT_INLINE void stats_row(const TS* s, const TT* t, int64_t width, float inv_t,
       ss += q;
       st += p;
       acc += p > 0.0f ? p * (a_t - a_s) : 0.0f;  // p = 0 (teacher -inf or underflow): no contribution (nansum)
-      if constexpr (kCe) s1 += exp_approx(xs[j] - ms);
+      if constexpr (kCe == kCeExp) s1 += exp_approx(xs[j] - ms);
+      if constexpr (kCe == kCeSquare) s1 += q * q;
     }
     c.ss = ss;
     c.st = st;
@@ -115,24 +120,27 @@ SALT_INLINE void stats_row(const TS* s, const TT* t, int64_t width, float inv_t,
   out[2] = run.mt;
   out[3] = run.st;
   out[4] = run.acc;
-  if constexpr (kCe) out[5] = run.s1;
+  if constexpr (kCe != kNoCe) out[5] = run.s1;
 }
 
-// (q·g - p·g_t)/τ, plus q1·g_ce with kCe (q1 = softmax(s) at τ = 1 from its own log-sum, ce_log_sum)
-template <bool kCe, typename TS, typename TT>
+// (q·g - p·g_t)/τ, plus q1·g_ce with kCe (q1 = softmax(s) at τ = 1 from its own log-sum, ce_log_sum; at τ = 2
+// q1 = q²·exp(2·log_sum_s - ce_log_sum), the exponent in [0, log V])
+template <int kCe, typename TS, typename TT>
 SALT_INLINE void grad_row(const TS* s, const TT* t, int64_t width, float inv_t, float max_s, float log_sum_s,
                           float max_t, float log_sum_t, float g, float g_teacher, float ce_log_sum, float g_ce,
                           TS* out) {
   const float gq = g * inv_t;
   const float gp = g_teacher * inv_t;
   const float ce_shift = max_s + ce_log_sum;
+  const float g_ce_square = kCe == kCeSquare ? g_ce * expf(2.0f * log_sum_s - ce_log_sum) : 0.0f;
 #pragma omp simd
   for (int64_t j = 0; j < width; ++j) {
     const float x = to_float(s[j]);
     const float q = exp_approx((x - max_s) * inv_t - log_sum_s);
     const float p = exp_approx((to_float(t[j]) - max_t) * inv_t - log_sum_t);
     float y = q * gq - p * gp;
-    if constexpr (kCe) y += exp_approx(x - ce_shift) * g_ce;
+    if constexpr (kCe == kCeExp) y += exp_approx(x - ce_shift) * g_ce;
+    if constexpr (kCe == kCeSquare) y += q * q * g_ce_square;
     out[j] = from_float<TS>(y);
   }
 }
@@ -160,11 +168,11 @@ struct Args {
   int64_t out_stride;
 };
 
-template <bool kCe, typename TS, typename TT>
+template <int kCe, typename TS, typename TT>
 SALT_INLINE void stats_rows(const Args& a, int64_t lo, int64_t hi) {
   const TS* s = static_cast<const TS*>(a.s);
   const TT* t = static_cast<const TT*>(a.t);
-  constexpr int64_t n = kCe ? 6 : 5;
+  constexpr int64_t n = kCe != kNoCe ? 6 : 5;
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t r = a.row_index ? a.row_index[i] : i;
     stats_row<kCe>(s + r * a.s_stride, t + r * a.t_stride, a.width, a.inv_t, a.stats + n * i);
@@ -173,13 +181,15 @@ SALT_INLINE void stats_rows(const Args& a, int64_t lo, int64_t hi) {
 
 template <typename TS, typename TT>
 SALT_INLINE void stats_range(const Args& a, int64_t lo, int64_t hi) {
-  if (a.with_ce_sum)
-    stats_rows<true, TS, TT>(a, lo, hi);
+  if (!a.with_ce_sum)
+    stats_rows<kNoCe, TS, TT>(a, lo, hi);
+  else if (a.inv_t == 0.5f)
+    stats_rows<kCeSquare, TS, TT>(a, lo, hi);
   else
-    stats_rows<false, TS, TT>(a, lo, hi);
+    stats_rows<kCeExp, TS, TT>(a, lo, hi);
 }
 
-template <bool kCe, typename TS, typename TT>
+template <int kCe, typename TS, typename TT>
 SALT_INLINE void grad_rows(const Args& a, int64_t lo, int64_t hi) {
   const TS* s = static_cast<const TS*>(a.s);
   const TT* t = static_cast<const TT*>(a.t);
@@ -188,16 +198,19 @@ SALT_INLINE void grad_rows(const Args& a, int64_t lo, int64_t hi) {
     const int64_t r = a.row_index ? a.row_index[i] : i;
     grad_row<kCe>(s + r * a.s_stride, t + r * a.t_stride, a.width, a.inv_t, a.max_s[i], a.log_sum_s[i], a.max_t[i],
                   a.log_sum_t[i], a.grad_rows[i], a.teacher_grad_rows ? a.teacher_grad_rows[i] : a.grad_rows[i],
-                  kCe ? a.ce_log_sum_s[i] : 0.0f, kCe ? a.ce_grad_rows[i] : 0.0f, out + r * a.out_stride);
+                  kCe != kNoCe ? a.ce_log_sum_s[i] : 0.0f, kCe != kNoCe ? a.ce_grad_rows[i] : 0.0f,
+                  out + r * a.out_stride);
   }
 }
 
 template <typename TS, typename TT>
 SALT_INLINE void grad_range(const Args& a, int64_t lo, int64_t hi) {
-  if (a.ce_grad_rows)
-    grad_rows<true, TS, TT>(a, lo, hi);
+  if (!a.ce_grad_rows)
+    grad_rows<kNoCe, TS, TT>(a, lo, hi);
+  else if (a.inv_t == 0.5f)
+    grad_rows<kCeSquare, TS, TT>(a, lo, hi);
   else
-    grad_rows<false, TS, TT>(a, lo, hi);
+    grad_rows<kCeExp, TS, TT>(a, lo, hi);
 }
 
 using RangeFn = void (*)(const Args&, int64_t, int64_t);
