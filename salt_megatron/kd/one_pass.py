@@ -61,6 +61,45 @@ class ShardCE:
         return log_sum - label_logit, log_sum - max_s
 
 
+def one_pass_forward(student, teacher, labels, temperature, valid, padded, tp_group, kernels, correctness=None):
+    """KD and CE per row of one shard ``[N, W]`` (its first ``valid`` columns real; ``padded``: any shard has
+    padding), in the KD's two collectives.  Returns ``kl``, ``ce``, the token-weighting answer (None without
+    ``correctness``) and what :func:`one_pass_grad` needs."""
+    first_column = tp_rank_and_size(tp_group)[0] * student.shape[1]
+    local, on_shard = labels_on_shard(labels, first_column, valid)
+    stats = kernels.row_stats(student[:, :valid], teacher[:, :valid], temperature, temperature != 1.0)
+    label_logit = student.gather(1, local[:, None]).squeeze(1).to(stats.dtype)
+    ce_part = ShardCE(max_valid=stats[:, 0], sum_valid=stats[:, 5 if temperature != 1.0 else 1],
+                      label_logit=torch.where(on_shard, label_logit, torch.zeros_like(label_logit)),
+                      pad=student[:, valid:], padded=padded)
+    probe = None if correctness is None else correctness.on_shard(teacher[:, :valid], first_column, None)
+    kl, row_stats, answer, (ce, ce_log_sum) = combine_across_shards(stats, temperature, tp_group, probe, ce_part)
+    return kl, ce, answer, (local, on_shard, *row_stats, ce_log_sum)
+
+
+def one_pass_grad(student, teacher, saved, g_kl, g_ce, temperature, valid, padded, kernels,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """d(Σ g_kl·KL + g_ce·CE)/d student for one shard, from :func:`one_pass_forward`'s ``saved``: one pass.
+    ``out``: where to write it (``student`` itself works: each element is read before it is written)."""
+    local, on_shard, *row_stats, ce_log_sum = saved
+    compute = compute_dtype(student)
+    g_kl, g_ce = g_kl.to(compute), g_ce.to(compute)
+    grad = torch.empty_like(student) if out is None else out
+    w = valid
+    if student.shape[0] > 0 and w > 0:
+        s, t, out = student[:, :w], teacher[:, :w], grad[:, :w]
+        if temperature == 1.0 and not padded:  # q is CE's softmax too
+            kernels.student_grad(s, t, *row_stats, g_kl + g_ce, 1.0, out, teacher_grad_rows=g_kl)
+        else:
+            kernels.student_grad(s, t, *row_stats, g_kl, temperature, out, ce_log_sum_s=ce_log_sum, ce_grad_rows=g_ce)
+    if w < student.shape[1]:  # padding: in CE's softmax only
+        q1 = (student[:, w:].to(compute) - (row_stats[0] + ce_log_sum)[:, None]).exp_()
+        grad[:, w:] = q1.mul_(g_ce[:, None])
+    # the one-hot of CE's gradient, on the shard that holds the label (a scatter: no host sync on a GPU)
+    minus = torch.where(on_shard, -g_ce, torch.zeros_like(g_ce)).to(grad.dtype)
+    return grad.scatter_add_(1, local[:, None], minus[:, None])
+
+
 class KLAndCrossEntropy(torch.autograd.Function):
     """KD and next-token CE of one vocabulary shard from the same pass over the logits (see the module doc)."""
 
@@ -68,16 +107,9 @@ class KLAndCrossEntropy(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, temperature, valid, padded, tp_group, kernels, correctness):
         # student/teacher: one shard [N, W], its first `valid` columns real; labels: [N] global token ids;
         # padded: whether any shard has padding columns
-        first_column = tp_rank_and_size(tp_group)[0] * student.shape[1]
-        local, on_shard = labels_on_shard(labels, first_column, valid)
-        stats = kernels.row_stats(student[:, :valid], teacher[:, :valid], temperature, temperature != 1.0)
-        label_logit = student.gather(1, local[:, None]).squeeze(1).to(stats.dtype)
-        ce_part = ShardCE(max_valid=stats[:, 0], sum_valid=stats[:, 5 if temperature != 1.0 else 1],
-                          label_logit=torch.where(on_shard, label_logit, torch.zeros_like(label_logit)),
-                          pad=student[:, valid:], padded=padded)
-        probe = None if correctness is None else correctness.on_shard(teacher[:, :valid], first_column, None)
-        kl, row_stats, answer, (ce, ce_log_sum) = combine_across_shards(stats, temperature, tp_group, probe, ce_part)
-        ctx.save_for_backward(student, teacher, local, on_shard, *row_stats, ce_log_sum)
+        kl, ce, answer, saved = one_pass_forward(student, teacher, labels, temperature, valid, padded, tp_group,
+                                                 kernels, correctness)
+        ctx.save_for_backward(student, teacher, *saved)
         ctx.kernels, ctx.temperature, ctx.valid, ctx.padded = kernels, temperature, valid, padded
         answer = kl.new_empty(0) if answer is None else answer
         ctx.mark_non_differentiable(answer)
@@ -85,23 +117,9 @@ class KLAndCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kl, grad_ce, _grad_correctness):
-        student, teacher, local, on_shard, *row_stats, ce_log_sum = ctx.saved_tensors
-        compute, w, tau = compute_dtype(student), ctx.valid, ctx.temperature
-        g_kl, g_ce = grad_kl.to(compute), grad_ce.to(compute)
-        grad = torch.empty_like(student)
-        if student.shape[0] > 0 and w > 0:
-            s, t, out = student[:, :w], teacher[:, :w], grad[:, :w]
-            if tau == 1.0 and not ctx.padded:  # q is CE's softmax too
-                ctx.kernels.student_grad(s, t, *row_stats, g_kl + g_ce, 1.0, out, teacher_grad_rows=g_kl)
-            else:
-                ctx.kernels.student_grad(s, t, *row_stats, g_kl, tau, out, ce_log_sum_s=ce_log_sum, ce_grad_rows=g_ce)
-        if w < student.shape[1]:  # padding: in CE's softmax only
-            max_s = row_stats[0]
-            q1 = (student[:, w:].to(compute) - (max_s + ce_log_sum)[:, None]).exp_()
-            grad[:, w:] = q1.mul_(g_ce[:, None])
-        # the one-hot of CE's gradient, on the shard that holds the label (a scatter: no host sync on a GPU)
-        minus = torch.where(on_shard, -g_ce, torch.zeros_like(g_ce)).to(grad.dtype)
-        grad.scatter_add_(1, local[:, None], minus[:, None])
+        student, teacher, *saved = ctx.saved_tensors
+        grad = one_pass_grad(student, teacher, saved, grad_kl, grad_ce, ctx.temperature, ctx.valid, ctx.padded,
+                             ctx.kernels)
         return grad, None, None, None, None, None, None, None, None
 
 
