@@ -22,17 +22,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from benchmarks.kd_loss import rss_kib  # noqa: E402  (the peak-memory reading both benchmarks use)
 
 METHODS = ("materialised", "fused_linear")
 TAU, OMEGA = 2.0, 0.5
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def run_case(method: str, tokens: int, hidden: int, teacher_hidden: int, vocab: int, reps: int) -> dict:
@@ -56,11 +49,11 @@ def run_case(method: str, tokens: int, hidden: int, teacher_hidden: int, vocab: 
             out = salt_loss(h @ w.t(), labels, ht @ wt.t(), kd_weight=OMEGA, temperature=TAU)
         out.loss.backward()
 
-    base = _rss_kib("VmRSS")
+    base = rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current resident set
     step()
-    peak = _rss_kib("VmHWM") - base
+    peak = rss_kib("VmHWM") - base
     times = []
     for _ in range(reps):
         start = time.perf_counter()

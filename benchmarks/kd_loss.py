@@ -31,7 +31,7 @@ METHODS = ("naive", "modelopt", "salt", "fused")
 TAU = 2.0
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -74,13 +74,13 @@ def run_case(method: str, n: int, v: int, dtype_name: str, reps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(n, v, generator=g) * 3).to(dtype).requires_grad_(True)
     t = (torch.randn(n, v, generator=g) * 3).to(dtype)
-    base = _rss_kib("VmRSS")
+    base = rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current resident set
     start = time.perf_counter()
     fn(s, t).sum().backward()
     first = time.perf_counter() - start
-    peak = _rss_kib("VmHWM") - base
+    peak = rss_kib("VmHWM") - base
     times = []
     for _ in range(reps):
         s.grad = None

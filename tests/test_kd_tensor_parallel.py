@@ -67,23 +67,35 @@ def tp_inputs(case_id):
     return s.to(dtype), t.to(dtype), vocab_size, tau, mask
 
 
-def _fused_and_torch_worker(rank, world_size):
+def _each_case_on_this_shard(rank, world_size, num_cases, inputs, run):
+    """For every case and both kernel sets: ``run(inputs(case), cols, impl)`` on this rank's vocabulary columns
+    (``inputs`` gives the full logits first), with the all-reduces it made appended to what it returns."""
     torch.distributed.init_process_group("gloo")
     results = []
-    for case_id in range(len(TP_CASES)):
-        s, t, vocab_size, tau, mask = tp_inputs(case_id)
-        w = s.shape[-1] // world_size
+    for case_id in range(num_cases):
+        case = inputs(case_id)
+        w = case[0].shape[-1] // world_size
         cols = slice(rank * w, (rank + 1) * w)
         out = {}
         for impl in ("fused", "torch"):
-            x = s[..., cols].clone().requires_grad_(True)
             with CountingAllReduce() as counted:
-                kl = vocab_parallel_kl_div(x, t[..., cols].clone(), temperature=tau, vocab_size=vocab_size,
-                                           tp_group=torch.distributed.group.WORLD, loss_mask=mask, impl=impl)
-                kl.backward(torch.ones_like(kl))
-            out[impl] = (kl.detach(), x.grad, counted.ops)
+                value = run(case, cols, impl)
+            out[impl] = (*value, counted.ops)
         results.append(out)
     return results
+
+
+def _kl_on_shard(case, cols, impl):
+    s, t, vocab_size, tau, mask = case
+    x = s[..., cols].clone().requires_grad_(True)
+    kl = vocab_parallel_kl_div(x, t[..., cols].clone(), temperature=tau, vocab_size=vocab_size,
+                               tp_group=torch.distributed.group.WORLD, loss_mask=mask, impl=impl)
+    kl.backward(torch.ones_like(kl))
+    return kl.detach(), x.grad
+
+
+def _fused_and_torch_worker(rank, world_size):
+    return _each_case_on_this_shard(rank, world_size, len(TP_CASES), tp_inputs, _kl_on_shard)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -131,25 +143,19 @@ def one_pass_inputs(case_id):
     return s.to(dtype), t.to(dtype), labels, mask, vocab_size, tau
 
 
-def _one_pass_worker(rank, world_size):
+def _salt_loss_on_shard(case, cols, impl):
     from salt_megatron.kd import salt_loss
 
-    torch.distributed.init_process_group("gloo")
-    results = []
-    for case_id in range(len(ONE_PASS_CASES)):
-        s, t, labels, mask, vocab_size, tau = one_pass_inputs(case_id)
-        w = s.shape[-1] // world_size
-        cols = slice(rank * w, (rank + 1) * w)
-        out = {}
-        for impl in ("fused", "torch"):
-            x = s[..., cols].clone().requires_grad_(True)
-            with CountingAllReduce() as counted:
-                loss = salt_loss(x, labels, t[..., cols].clone(), kd_weight=0.6, temperature=tau, loss_mask=mask,
-                                 vocab_size=vocab_size, tp_group=torch.distributed.group.WORLD, impl=impl)
-                loss.loss.backward()
-            out[impl] = (loss.loss.detach(), loss.ce, loss.kd, x.grad, counted.ops)
-        results.append(out)
-    return results
+    s, t, labels, mask, vocab_size, tau = case
+    x = s[..., cols].clone().requires_grad_(True)
+    loss = salt_loss(x, labels, t[..., cols].clone(), kd_weight=0.6, temperature=tau, loss_mask=mask,
+                     vocab_size=vocab_size, tp_group=torch.distributed.group.WORLD, impl=impl)
+    loss.loss.backward()
+    return loss.loss.detach(), loss.ce, loss.kd, x.grad
+
+
+def _one_pass_worker(rank, world_size):
+    return _each_case_on_this_shard(rank, world_size, len(ONE_PASS_CASES), one_pass_inputs, _salt_loss_on_shard)
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -179,14 +179,20 @@ SALT_INLINE void stats_rows(const Args& a, int64_t lo, int64_t hi) {
   }
 }
 
+// Calls fn with the CE mode a call asks for as a compile-time constant: none, its own exp, or at τ = 2 the square.
+template <typename Fn>
+SALT_INLINE void with_ce_mode(bool with_ce, float inv_t, Fn&& fn) {
+  if (!with_ce)
+    fn(std::integral_constant<int, kNoCe>{});
+  else if (inv_t == 0.5f)
+    fn(std::integral_constant<int, kCeSquare>{});
+  else
+    fn(std::integral_constant<int, kCeExp>{});
+}
+
 template <typename TS, typename TT>
 SALT_INLINE void stats_range(const Args& a, int64_t lo, int64_t hi) {
-  if (!a.with_ce_sum)
-    stats_rows<kNoCe, TS, TT>(a, lo, hi);
-  else if (a.inv_t == 0.5f)
-    stats_rows<kCeSquare, TS, TT>(a, lo, hi);
-  else
-    stats_rows<kCeExp, TS, TT>(a, lo, hi);
+  with_ce_mode(a.with_ce_sum, a.inv_t, [&](auto mode) { stats_rows<decltype(mode)::value, TS, TT>(a, lo, hi); });
 }
 
 template <int kCe, typename TS, typename TT>
@@ -205,12 +211,8 @@ SALT_INLINE void grad_rows(const Args& a, int64_t lo, int64_t hi) {
 
 template <typename TS, typename TT>
 SALT_INLINE void grad_range(const Args& a, int64_t lo, int64_t hi) {
-  if (!a.ce_grad_rows)
-    grad_rows<kNoCe, TS, TT>(a, lo, hi);
-  else if (a.inv_t == 0.5f)
-    grad_rows<kCeSquare, TS, TT>(a, lo, hi);
-  else
-    grad_rows<kCeExp, TS, TT>(a, lo, hi);
+  with_ce_mode(a.ce_grad_rows != nullptr, a.inv_t,
+               [&](auto mode) { grad_rows<decltype(mode)::value, TS, TT>(a, lo, hi); });
 }
 
 using RangeFn = void (*)(const Args&, int64_t, int64_t);
