@@ -33,6 +33,7 @@ class SaltConfig:
     scale_kd_by_temperature_squared: bool = True
     kernel_impl: str = "auto"  # salt_megatron.kd.IMPLS
     fuse_ce_with_kd: bool = True  # CE from the KD pass where it can be (salt_loss)
+    fused_linear: bool = False  # the KD-phase loss from the output layers' inputs (kd.fused_linear)
     data_selection: KDDataSelection | None = None
     token_weighting: str = "none"  # salt_megatron.kd.token_weights.TOKEN_WEIGHTINGS: ω per token
     token_topk: int = 10  # k of teacher_topk
@@ -69,7 +70,7 @@ class SaltConfig:
         return cls(schedule=schedule, teacher_load=args.teacher_load, teacher_cache=args.teacher_cache,
                    temperature=args.kd_temperature,
                    scale_kd_by_temperature_squared=not args.kd_no_temperature_squared, kernel_impl=args.kd_impl,
-                   data_selection=selection, token_weighting=args.kd_token_weighting, token_topk=args.kd_token_topk)
+                   fused_linear=args.kd_fused_linear, data_selection=selection, token_weighting=args.kd_token_weighting, token_topk=args.kd_token_topk)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ teacher can be rebuilt from its own checkpoint without the student's flags.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 
@@ -185,6 +186,49 @@ def whole_model_process_groups():
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     pgs.pp, _ = torch.distributed.new_subgroups(group_size=1)
     return pgs
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity; backward hands on a contiguous gradient.  megatron-core's TP all-reduce of a gradient
+    (``mappings._reduce``) reduces a contiguous copy and returns the original when given a strided one, as the
+    gradient of the transposed, reshaped hidden states is: the TP ranks' parts would silently not be summed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+@contextlib.contextmanager
+def output_layer_inputs(model):
+    """Within the block, ``model(...)`` returns what its output layer would multiply, the hidden states ``[b, s, h]``
+    (through megatron-core's ``copy_to_tensor_model_parallel_region``, whose backward sums the TP ranks' parts), not
+    the logits; the yielded dict's ``"weight"`` is the weight it would have used (the word embedding when tied).
+    For a loss that takes the hidden states and the weight itself (``kd.fused_linear``).  ``model``: a GPTModel,
+    maybe inside DDP / Float16Module; on a stage without the output layer nothing changes."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    layer = getattr(inner, "output_layer", None) if getattr(inner, "post_process", False) else None
+    captured = {}
+    if layer is None:
+        yield captured
+        return
+
+    def hidden_instead(input_, weight=None, runtime_gather_output=None, **_):
+        captured["weight"] = layer.weight if weight is None else weight
+        return _ContiguousGrad.apply(copy_to_tensor_model_parallel_region(input_)), None
+
+    layer.forward = hidden_instead  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+    try:
+        yield captured
+    finally:
+        del layer.forward
 
 
 def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import os
 import torch
 
 from salt_megatron import fingerprint, megatron_lm
-from salt_megatron.model import GPTArchitecture, build_gpt_model, causal_attention_mask
+from salt_megatron.model import GPTArchitecture, build_gpt_model, causal_attention_mask, output_layer_inputs
 from salt_megatron.checkpointing import DIST_CHECKPOINT_FAILURES, _root_cause, load_model_weights, read_meta
 from salt_megatron.errors import CheckpointError, TeacherRefused
 
@@ -159,6 +159,15 @@ class Teacher:
         # no_grad, not inference_mode: the KD loss's autograd saves these logits for its backward
         with torch.no_grad():
             return self._forward(tokens, position_ids)
+
+    def hidden(self, tokens: torch.Tensor, position_ids: torch.Tensor):
+        """The teacher's output-layer input ``[b, s, h_t]`` and its output weight ``[V/TP, h_t]`` (no autograd graph),
+        for a loss that forms the logits itself chunk by chunk (``--kd-fused-linear``)."""
+        if self.model is None:
+            raise RuntimeError("the teacher is not held on this rank (released, or not the last pipeline stage)")
+        self.forward_calls += 1
+        with torch.no_grad(), output_layer_inputs(self.model) as captured:
+            return self._forward(tokens, position_ids), captured["weight"]
 
     def release(self) -> None:
         """Free the teacher's memory (ω has reached 0 for good)."""

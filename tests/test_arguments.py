@@ -107,6 +107,9 @@ def test_speed_and_memory_flags_reach_megatron_cores_configs():
     (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--sequence-parallel", "--tensor-model-parallel-size", "2"], "--sequence-parallel needs Transformer Engine's"),
     (["--deepspeed", "--use-distributed-optimizer"], "with --deepspeed the ZeRO stage"),
+    (["--kd-fused-linear"], "--kd-fused-linear needs --teacher-load"),
+    (["--kd-fused-linear", "--teacher-load", "t", "--kd-steps", "1", "--kd-transition", "auto"],
+     r"--kd-fused-linear does not go with --kd-transition auto \(reads the teacher's logits\)"),
 ])
 def test_speed_and_memory_flags_that_cannot_work_are_refused(flags, message):
     with pytest.raises(UsageError, match=message):

@@ -49,3 +49,16 @@ def test_recomputation_trains_the_same_numbers(corpus, teacher_dir):
                                   _common(corpus, teacher_dir, *tp, *full, "block"))
     for run in recomputed:
         _same(plain, run, rel=1e-6)
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)], ids=["DP2", "TP2", "PP2"])
+def test_kd_fused_linear_trains_like_the_materialised_logits(corpus, teacher_dir, tp, pp):
+    """--kd-fused-linear (the KD phase's loss from the output layers' inputs; tied embeddings here): the same losses
+    as the materialised logits, in the KD phase and after, over two processes as DP, TP or PP."""
+    common = _common(corpus, teacher_dir, "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size",
+                     str(pp))
+    plain, fused = pretrain(2, common, [*common, "--kd-fused-linear"])
+    assert [h["teacher_ran"] for h in fused["train"]] == [True, True, False, False]
+    _same(plain, fused, rel=1e-5)
+    for a, b in zip(plain["train"][:2], fused["train"][:2]):
+        assert a["kd"] == pytest.approx(b["kd"], rel=1e-5)

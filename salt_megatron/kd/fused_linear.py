@@ -47,9 +47,9 @@ class _FusedLinearSaltLoss(torch.autograd.Function):
         kl_sum = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
-            h = hidden[lo:hi]
+            h = hidden[lo:hi].to(weight.dtype)  # (bf16 weights, fp32 hidden states out of Float16Module)
             student = h @ weight.t()
-            teacher = teacher_hidden[lo:hi] @ teacher_weight.t()
+            teacher = teacher_hidden[lo:hi].to(teacher_weight.dtype) @ teacher_weight.t()
             kl, ce, _, saved = one_pass_forward(student, teacher, labels[lo:hi], temperature, valid, padded,
                                                 tp_group, kernels)
             keep = mask[lo:hi] > 0  # a masked row's numbers count for nothing (even when not finite)
@@ -59,7 +59,7 @@ class _FusedLinearSaltLoss(torch.autograd.Function):
             grad_logits = one_pass_grad(student, teacher, saved, g_kl_rows[lo:hi], g_ce_rows[lo:hi], temperature,
                                         valid, padded, kernels, out=student)
             del student, teacher, saved
-            grad_hidden[lo:hi] = grad_logits @ weight
+            grad_hidden[lo:hi] = (grad_logits @ weight).to(grad_hidden.dtype)
             grad_weight.addmm_(grad_logits.t().float(), h.float())
         # kept on ctx, not saved for backward: they are neither inputs nor outputs, and backward scales them in
         # place (a copy of the weight's gradient would double the loss's peak)

@@ -249,6 +249,8 @@ def validate_pretrain_args(args: argparse.Namespace, world_size: int) -> argpars
     teacher_flag = "--teacher-cache" if args.teacher_cache is not None else "--teacher-load"
     if args.teacher_cache is not None:
         errors.extend(_teacher_cache_errors(args))
+    if args.kd_fused_linear:
+        errors.extend(_fused_linear_errors(args))
     if args.teacher_load is not None or args.teacher_cache is not None:
         if args.kd_steps is None:
             errors.append(f"{teacher_flag} needs --kd-steps (n_KD; the paper uses ~17% of --train-iters)")
@@ -317,6 +319,17 @@ def _teacher_cache_errors(args) -> list[str]:
     if args.kd_token_weighting != "none":
         errors.append("--kd-token-weighting reads the teacher's full logits: use --teacher-load")
     return errors
+
+
+def _fused_linear_errors(args) -> list[str]:
+    """--kd-fused-linear never forms the logits; what reads them, or feeds the output layer otherwise, cannot come."""
+    if args.teacher_load is None:
+        return ["--kd-fused-linear needs --teacher-load (it is the online KD phase's loss)"]
+    reasons = (("--kd-transition auto", args.kd_transition == "auto", "reads the teacher's logits"),
+               ("--kd-token-weighting", args.kd_token_weighting != "none", "reads the teacher's logits"),
+               ("--sequence-parallel", args.sequence_parallel, "another output-layer input, not wired to it"),
+               ("--deepspeed", args.deepspeed, "not wired to it"))
+    return [f"--kd-fused-linear does not go with {flag} ({why})" for flag, on, why in reasons if on]
 
 
 def params_dtype(args):

@@ -36,6 +36,9 @@ def add_salt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kd-token-topk", type=int, default=10, help="k of teacher_topk")
     g.add_argument("--kd-no-temperature-squared", action="store_true", help="do not scale KD by τ²")
     g.add_argument("--kd-impl", choices=KD_IMPLS, default="auto", help="KD loss kernels")
+    g.add_argument("--kd-fused-linear", action="store_true",
+                   help="KD-phase loss from the student's and teacher's output-layer inputs, chunked over tokens: "
+                        "neither [tokens, V/TP] logits tensor is held (salt_megatron.kd.fused_linear)")
     g.add_argument("--teacher-cache", default=None, metavar="PATH",
                    help="the teacher's top-K from `salt-megatron cache-teacher` (PATH.json ...): the KD phase reads it "
                         "instead of running the teacher (no --teacher-load)")

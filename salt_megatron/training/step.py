@@ -6,15 +6,16 @@ the log.  It reads the typed configuration of the run (``run.salt``, ``run.batch
 
 from __future__ import annotations
 
+import contextlib
 import time
 from functools import partial
 
 import torch
 
 from salt_megatron.distributed import compute_device, to_device
-from salt_megatron.kd import salt_loss
+from salt_megatron.kd import fused_linear_salt_loss, salt_loss
 from salt_megatron.kd.loss import cached_salt_loss, masked_mean_cross_entropy
-from salt_megatron.model import causal_attention_mask
+from salt_megatron.model import causal_attention_mask, output_layer_inputs
 from salt_megatron.training.state import Run
 
 
@@ -48,9 +49,21 @@ def train_step(run: Run) -> dict:
         dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
     ))
 
-    def loss_func(data, teacher_logits, student_logits):
+    # --kd-fused-linear: while the teacher runs, the models hand over their output layers' inputs and weights and
+    # the loss forms the logits chunk by chunk (kd.fused_linear)
+    fused_linear = salt.fused_linear and use_teacher
+
+    def loss_func(data, teacher_logits, student_weight, student_logits):
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        if "teacher_ids" in data:  # --teacher-cache: the teacher's top-K came with the batch
+        if fused_linear:  # student_logits / teacher_logits: the hidden states; the weights beside them
+            (teacher_hidden, teacher_weight) = teacher_logits
+            out = fused_linear_salt_loss(
+                student_logits, student_weight, data["labels"], teacher_hidden, teacher_weight, kd_weight=omega,
+                temperature=salt.temperature, loss_mask=data["loss_mask"], vocab_size=run.arch.vocab_size,
+                tp_group=tp_group, scale_kd_by_temperature_squared=salt.scale_kd_by_temperature_squared,
+                impl=salt.kernel_impl,
+            )
+        elif "teacher_ids" in data:  # --teacher-cache: the teacher's top-K came with the batch
             out = cached_salt_loss(
                 student_logits, data["labels"], data, kd_weight=omega, temperature=salt.temperature,
                 loss_mask=data["loss_mask"], vocab_size=run.arch.vocab_size, tp_group=tp_group,
@@ -74,11 +87,12 @@ def train_step(run: Run) -> dict:
     def forward_step(data_iterator, model):
         data = to_device(next(data_iterator))
         tokens, position_ids = data["tokens"], data["position_ids"]
-        logits = model(tokens, position_ids, causal_attention_mask(tokens.shape[1], device=tokens.device))
+        with output_layer_inputs(model) if fused_linear else contextlib.nullcontext() as student_weight:
+            logits = model(tokens, position_ids, causal_attention_mask(tokens.shape[1], device=tokens.device))
         teacher_logits = None
         if use_teacher and parallel_state.is_pipeline_last_stage():
-            teacher_logits = run.teacher.logits(tokens, position_ids)
-        return logits, partial(loss_func, data, teacher_logits)
+            teacher_logits = (run.teacher.hidden if fused_linear else run.teacher.logits)(tokens, position_ids)
+        return logits, partial(loss_func, data, teacher_logits, (student_weight or {}).get("weight"))
 
     run.backend.zero_grad()
     losses = run.backend.forward_backward(forward_step, batches, seq_length=batch.seq_length,
