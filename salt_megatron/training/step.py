@@ -113,6 +113,8 @@ def train_step(run: Run) -> dict:
         "consumed_samples": state.consumed_samples, "global_batch_size": batch.global_batch_size,
         "skipped": not update_applied, "teacher_ran": use_teacher,
     }
+    if torch.cuda.is_available():  # this rank's peak of allocated GPU memory since it started, in GiB
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if parallel_state.is_pipeline_last_stage():  # where the loss lives
         n = len(losses)
         means = dp_mean([sum(float(x[k]) for x in losses) / n for k in ("loss", "ce", "kd")])
