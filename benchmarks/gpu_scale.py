@@ -109,7 +109,8 @@ def main():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
     peak = next((v for k, v in PEAK_BF16.items() if k in device), None)
     print(f"{device}: student {student['num_layers']}x{student['hidden_size']} ({p_s / 1e6:.1f}M matmul params), "
-          f"teacher {teacher['num_layers']}x{teacher['hidden_size']} ({p_t / 1e6:.1f}M), seq {seq}, micro-batch {micro}, "
+          f"teacher {teacher['num_layers']}x{teacher['hidden_size']} ({p_t / 1e6:.1f}M), seq {seq}, "
+          f"micro-batch {micro}, "
           f"vocab {vocab}, {' '.join(precision) or 'fp32'}; {steps} steps each, medians after the first two")
     print(f"{'run':>28} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'x baseline':>11} {'/ bound':>8} {'peak GiB':>9}")
     base = results["baseline"]["step_s"]

@@ -70,7 +70,8 @@ class SaltConfig:
         return cls(schedule=schedule, teacher_load=args.teacher_load, teacher_cache=args.teacher_cache,
                    temperature=args.kd_temperature,
                    scale_kd_by_temperature_squared=not args.kd_no_temperature_squared, kernel_impl=args.kd_impl,
-                   fused_linear=args.kd_fused_linear, data_selection=selection, token_weighting=args.kd_token_weighting, token_topk=args.kd_token_topk)
+                   fused_linear=args.kd_fused_linear, data_selection=selection,
+                   token_weighting=args.kd_token_weighting, token_topk=args.kd_token_topk)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,8 +126,8 @@ def test_ce_sum_and_ce_gradient_term(device, dtype, with_index, tau):
     s64, t64 = extreme_rows(4099 if device == "cpu" else 4100)
     s64, t64 = s64.clamp(min=-6e4, max=6e4), t64.clamp(min=-6e4, max=6e4)  # finite in fp16
     gen = torch.Generator().manual_seed(9)
-    cases.append((s64.to(dtype=dtype, device=device), t64.to(dtype=dtype, device=device),
-                  (torch.rand(10, generator=gen) * 2 - 1).to(device), (torch.rand(10, generator=gen) * 2 - 1).to(device)))
+    g, g_ce = ((torch.rand(10, generator=gen) * 2 - 1).to(device) for _ in range(2))
+    cases.append((s64.to(dtype=dtype, device=device), t64.to(dtype=dtype, device=device), g, g_ce))
     for s, t, g, g_ce in cases:
         idx = torch.tensor([7, 0, 3, 8, 2], device=device) if with_index else None
         s_sel, t_sel = (s, t) if idx is None else (s.index_select(0, idx), t.index_select(0, idx))

@@ -6,9 +6,9 @@
 // (the same formula salt_megatron/kd/vocab_parallel.py uses across TP shards), so a growing maximum costs one
 // rescale per chunk, not per element.  With the CE sum (τ != 1) the same read also sums exp(s - max_s), the
 // student's softmax at τ = 1: one more exp per element, or at τ = 2 the square of the exp already taken
-// (exp((s - m)/2)² = exp(s - m)), a multiply.  The grad is one more pass that writes each element once.  OpenMP over rows,
-// `#pragma omp simd` inner loops with a branch-free exp so the compiler vectorises them, compiled once per CPU
-// level (cpu_common.h).
+// (exp((s - m)/2)² = exp(s - m)), a multiply.  The grad is one more pass that writes each element once.
+// OpenMP over rows, `#pragma omp simd` inner loops with a branch-free exp so the compiler vectorises them, compiled
+// once per CPU level (cpu_common.h).
 #include "salt_kl.h"
 
 #include <type_traits>

@@ -68,7 +68,8 @@ void student_grad(const at::Tensor& student, const at::Tensor& teacher, const at
                        ce ? *ce_log_sum_s : grad_rows, ce ? *ce_grad_rows : grad_rows};
   for (auto& v : vec) {
     TORCH_CHECK(v.device().is_cpu() && v.numel() == rows,
-                "max_s, log_sum_s, max_t, log_sum_t and grad_rows (and teacher_grad_rows, ce_log_sum_s, ce_grad_rows) must be CPU vectors of one entry per processed row (",
+                "max_s, log_sum_s, max_t, log_sum_t and grad_rows (and teacher_grad_rows, ce_log_sum_s, "
+                "ce_grad_rows) must be CPU vectors of one entry per processed row (",
                 rows, ")");
     v = v.to(at::kFloat).contiguous();
   }
@@ -104,7 +105,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "salt_megatron fused KL-divergence kernels (CPU)";
   m.attr("CONTRACT_VERSION") = SALT_KL_CONTRACT_VERSION;
   m.def("row_stats", &row_stats,
-        "per-row [max_s, sum_s, max_t, sum_t, partial KL(, sum_s at τ = 1)] of one vocabulary shard (fp32 [rows, 5 or 6])",
+        "per-row [max_s, sum_s, max_t, sum_t, partial KL(, sum_s at τ = 1)] of one vocabulary shard "
+        "(fp32 [rows, 5 or 6])",
         py::arg("student"), py::arg("teacher"), py::arg("temperature"), py::arg("row_index") = py::none(),
         py::arg("with_ce_sum") = false);
   m.def("student_grad", &student_grad,

@@ -44,13 +44,14 @@ def salt_loss(
 ) -> SaltLoss:
     """``(1-ω)·CE(student, labels) + ω·τ²·KD(teacher → student)``, averaged over the tokens the mask keeps.
 
-    ``student_logits``/``teacher_logits``: vocab shards of shape ``labels.shape + (W,)``.  CE goes through
-    megatron-core's vocab-parallel cross entropy (``tensor_parallel.vocab_parallel_cross_entropy``) when TP > 1.
+    ``student_logits``/``teacher_logits``: vocab shards of shape ``labels.shape + (W,)``.  CE comes from the KD
+    pass (``kd.one_pass``); apart from it (ω = 0, or ``fuse_ce_with_kd=False``) CE goes through megatron-core's
+    vocab-parallel cross entropy (``tensor_parallel.vocab_parallel_cross_entropy``) when TP > 1.
     With ω = 0 the teacher's logits are not needed (pass None); with ω > 0 they are required.  The τ² factor
     (Hinton et al.) keeps the KD gradient's scale independent of τ; turn it off with
     ``scale_kd_by_temperature_squared=False``.  ``fuse_ce_with_kd``: take CE from the KD pass (any τ, TP and
     padding; its numbers ride in the KD's two collectives) instead of a softmax of its own: the same numbers, one
-    pass over the logits fewer; ``False`` computes the two apart (megatron-core's vocab-parallel CE under TP).  ``kd_token_weighting``
+    pass over the logits fewer; ``False`` computes the two apart.  ``kd_token_weighting``
     (``salt_megatron.kd.token_weights``; ``kd_token_topk`` is teacher_topk's k): ω per token is ω·w, w how right
     the teacher is about the token, normalised to mean 1 over the kept tokens, measured in the KD loss's own pass
     and collectives; the loss per token is max(0, 1-ω·w)·CE + ω·w·[τ²]·KD.

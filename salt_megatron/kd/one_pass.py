@@ -87,11 +87,12 @@ def one_pass_grad(student, teacher, saved, g_kl, g_ce, temperature, valid, padde
     grad = torch.empty_like(student) if out is None else out
     w = valid
     if student.shape[0] > 0 and w > 0:
-        s, t, out = student[:, :w], teacher[:, :w], grad[:, :w]
+        s, t, real = student[:, :w], teacher[:, :w], grad[:, :w]
         if temperature == 1.0 and not padded:  # q is CE's softmax too
-            kernels.student_grad(s, t, *row_stats, g_kl + g_ce, 1.0, out, teacher_grad_rows=g_kl)
+            kernels.student_grad(s, t, *row_stats, g_kl + g_ce, 1.0, real, teacher_grad_rows=g_kl)
         else:
-            kernels.student_grad(s, t, *row_stats, g_kl, temperature, out, ce_log_sum_s=ce_log_sum, ce_grad_rows=g_ce)
+            kernels.student_grad(s, t, *row_stats, g_kl, temperature, real, ce_log_sum_s=ce_log_sum,
+                                 ce_grad_rows=g_ce)
     if w < student.shape[1]:  # padding: in CE's softmax only
         q1 = (student[:, w:].to(compute) - (row_stats[0] + ce_log_sum)[:, None]).exp_()
         grad[:, w:] = q1.mul_(g_ce[:, None])

@@ -75,8 +75,9 @@ def resolve_performance_args(args: argparse.Namespace, *, cuda: bool) -> list[st
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         errors.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards within TP)")
     elif args.sequence_parallel and args.transformer_impl == "local" and importlib.util.find_spec("apex") is None:
-        errors.append("--sequence-parallel needs Transformer Engine's layers or apex's fused LayerNorm (megatron-core's "
-                      "torch LayerNorm does not take it): a GPU with TE, --transformer-impl transformer_engine")
+        errors.append("--sequence-parallel needs Transformer Engine's layers or apex's fused LayerNorm "
+                      "(megatron-core's torch LayerNorm does not take it): a GPU with TE, --transformer-impl "
+                      "transformer_engine")
     if args.deepspeed:
         used = [flag for flag, on in (("--use-distributed-optimizer", args.use_distributed_optimizer),
                                       ("--overlap-grad-reduce", args.overlap_grad_reduce)) if on]
