@@ -4,9 +4,11 @@ with the teacher, and resume exactly.  (Sequence parallelism needs TE's or apex'
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
+import torch
 
 from tests.conftest import STUDENT, pretrain
 
@@ -62,3 +64,25 @@ def test_kd_fused_linear_trains_like_the_materialised_logits(corpus, teacher_dir
     _same(plain, fused, rel=1e-5)
     for a, b in zip(plain["train"][:2], fused["train"][:2]):
         assert a["kd"] == pytest.approx(b["kd"], rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None,
+                    reason="needs Transformer Engine and a GPU")
+def test_a_teacher_of_either_layer_spec_teaches_under_the_other(corpus, tmp_path):
+    """A teacher saved under TE's layer spec teaches a student run under the local one, and the other way round:
+    the same KD numbers at step 1 (megatron-core stores the local spec's norms under TE's names)."""
+    from tests.conftest import TEACHER
+
+    kd = {}
+    for impl in ("transformer_engine", "local"):
+        teacher = str(tmp_path / impl)
+        pretrain(1, ["--data-path", corpus, *TEACHER, "--train-iters", "2", "--save", teacher, "--eval-iters", "1",
+                     "--transformer-impl", impl])
+        other = "local" if impl == "transformer_engine" else "transformer_engine"
+        for student_impl in (impl, other):
+            run, = pretrain(1, _common(corpus, teacher, "--transformer-impl", student_impl, "--train-iters", "1"))
+            kd[(impl, student_impl)] = run["train"][0]["kd"]
+    for impl in ("transformer_engine", "local"):
+        same = kd[(impl, impl)]
+        crossed = kd[(impl, "local" if impl == "transformer_engine" else "transformer_engine")]
+        assert crossed == pytest.approx(same, rel=1e-2)  # fp32 runs; TE's kernels round differently
