@@ -79,15 +79,12 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args()
 
-    import socket
-
     import torch.multiprocessing as mp
 
+    from salt_megatron.distributed import _free_port
     from salt_megatron.kd import build
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_worker, args=(2, port, args, queue), nprocs=2, join=True, start_method="spawn")
     result = queue.get()

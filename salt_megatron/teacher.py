@@ -163,11 +163,8 @@ class Teacher:
     def hidden(self, tokens: torch.Tensor, position_ids: torch.Tensor):
         """The teacher's output-layer input ``[b, s, h_t]`` and its output weight ``[V/TP, h_t]`` (no autograd graph),
         for a loss that forms the logits itself chunk by chunk (``--kd-fused-linear``)."""
-        if self.model is None:
-            raise RuntimeError("the teacher is not held on this rank (released, or not the last pipeline stage)")
-        self.forward_calls += 1
-        with torch.no_grad(), output_layer_inputs(self.model) as captured:
-            return self._forward(tokens, position_ids), captured["weight"]
+        with output_layer_inputs(self.model) as captured:  # (nothing to swap on a rank without the teacher)
+            return self.logits(tokens, position_ids), captured["weight"]
 
     def release(self) -> None:
         """Free the teacher's memory (ω has reached 0 for good)."""

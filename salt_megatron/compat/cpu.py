@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import importlib.abc
 import importlib.util
+import inspect
 import sys
 import types
 import warnings
@@ -140,25 +141,26 @@ def _tensor_cuda_is_identity():
         torch.Tensor.cuda = original
 
 
-def _run_with_identity_tensor_cuda(cls, name):
-    """Within ``cls.name`` only, ``tensor.cuda()`` returns the tensor itself."""
+def _run_within(cls, name, context):
+    """Within ``cls.name`` only (a method or a classmethod), the ``context()`` manager is active."""
     method = _require(cls, name)
     if getattr(method, "_salt_cpu_patched", False):
         return
+    is_classmethod = isinstance(inspect.getattr_static(cls, name), classmethod)
 
     def patched(*args, **kwargs):
-        with _tensor_cuda_is_identity():
-            return method(*args, **kwargs)
+        with context():  # a classmethod's `method` is already bound: it does not take the class again
+            return method(*args[1:], **kwargs) if is_classmethod else method(*args, **kwargs)
 
     patched._salt_cpu_patched = True
-    setattr(cls, name, patched)
+    setattr(cls, name, classmethod(patched) if is_classmethod else patched)
 
 
 def _patch_tensor_cuda_calls():
     """Tied embeddings across pipeline stages call ``weight.data.cuda()`` before their all-reduce."""
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
-    _run_with_identity_tensor_cuda(LanguageModule, "setup_embeddings_and_output_layer")
+    _run_within(LanguageModule, "setup_embeddings_and_output_layer", _tensor_cuda_is_identity)
 
 
 @contextlib.contextmanager
@@ -182,16 +184,7 @@ def _patch_distributed_optimizer():
     ``torch.cuda.FloatTensor``: within that one classmethod, CPU tensors give CUDA type names."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    method = _require(DistributedOptimizer, "_build_model_and_main_param_groups")
-    if getattr(method, "_salt_cpu_patched", False):
-        return
-
-    def patched(cls, *args, **kwargs):
-        with _tensor_type_names_cuda():
-            return method(*args, **kwargs)  # `method` is already bound to the class
-
-    patched._salt_cpu_patched = True
-    DistributedOptimizer._build_model_and_main_param_groups = classmethod(patched)
+    _run_within(DistributedOptimizer, "_build_model_and_main_param_groups", _tensor_type_names_cuda)
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):

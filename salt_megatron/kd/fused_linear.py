@@ -24,9 +24,8 @@ import torch
 
 from salt_megatron.kd.checks import check_kd_weight, check_temperature
 from salt_megatron.kd.loss import SaltLoss
-from salt_megatron.kd.one_pass import one_pass_forward, one_pass_grad
+from salt_megatron.kd.one_pass import one_pass_forward, one_pass_grad, shard_layout
 from salt_megatron.kd.select import select_kernels
-from salt_megatron.kd.vocab_parallel import tp_rank_and_size, valid_columns
 
 # Tokens per chunk by default: as many as keep one chunk's logits within this many elements (128 MiB in fp32), so
 # the loss's working set stays a few chunks whatever the vocabulary (at V/TP = 128k: 256 tokens a chunk).
@@ -103,16 +102,13 @@ def fused_linear_salt_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         chunk_tokens = max(1, CHUNK_ELEMENTS // max(1, weight.shape[0]))
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    sharded = tp_group is not None and torch.distributed.get_world_size(group=tp_group) > 1
-    tp_rank, tp_size = tp_rank_and_size(tp_group if sharded else None)
-    width = weight.shape[0]
+    group, valid, padded = shard_layout(weight.shape[0], vocab_size, tp_group)
     mask = torch.ones(lead, dtype=torch.float32, device=hidden.device) if loss_mask is None else loss_mask.float()
     factor = temperature**2 if scale_kd_by_temperature_squared else 1.0
     kernels = select_kernels(impl, hidden.device)
     loss, ce, kd = _FusedLinearSaltLoss.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
         teacher_weight.detach(), labels.reshape(-1), mask.reshape(-1), float(kd_weight), factor, float(temperature),
-        valid_columns(width, vocab_size, tp_rank, tp_size), vocab_size is not None and vocab_size < width * tp_size,
-        tp_group if sharded else None, kernels, int(chunk_tokens),
+        valid, padded, group, kernels, int(chunk_tokens),
     )
     return SaltLoss(loss=loss, ce=ce.detach(), kd=kd.detach(), num_tokens=mask.sum())

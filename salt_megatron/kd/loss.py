@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from salt_megatron.kd.checks import check_kd_weight, check_logits, check_temperature
-from salt_megatron.kd.one_pass import KLAndCrossEntropy
+from salt_megatron.kd.one_pass import KLAndCrossEntropy, shard_layout
 from salt_megatron.kd.select import select_kernels
 from salt_megatron.kd.sparse_kl import sparse_kd_and_cross_entropy
 from salt_megatron.kd.token_weights import TokenCorrectness, normalised_weights
-from salt_megatron.kd.vocab_parallel import tp_rank_and_size, valid_columns, vocab_parallel_kl_div
+from salt_megatron.kd.vocab_parallel import vocab_parallel_kl_div
 
 
 @dataclasses.dataclass
@@ -79,12 +79,10 @@ def salt_loss(
     if kd_weight > 0 and fuse_ce_with_kd and kernels.supports_split_grad:
         # KD and CE from the same pass (salt_megatron.kd.one_pass)
         check_logits(student_logits, teacher_logits)
-        tp_rank, tp_size = tp_rank_and_size(tp_group if sharded else None)
-        valid = valid_columns(width, vocab_size, tp_rank, tp_size)
-        padded = vocab_size is not None and vocab_size < width * tp_size  # the same on every rank
+        group, valid, padded = shard_layout(width, vocab_size, tp_group)
         kd_tokens, ce_tokens, token_correctness = KLAndCrossEntropy.apply(
             student_logits.reshape(-1, width), teacher_logits.detach().reshape(-1, width), labels.reshape(-1),
-            float(temperature), valid, padded, tp_group if sharded else None, kernels, correctness,
+            float(temperature), valid, padded, group, kernels, correctness,
         )
         kd_tokens, ce_tokens = kd_tokens.view(labels.shape), ce_tokens.view(labels.shape)
         token_correctness = None if correctness is None else token_correctness

@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from salt_megatron.kd.checks import compute_dtype
-from salt_megatron.kd.vocab_parallel import combine_across_shards, tp_rank_and_size
+from salt_megatron.kd.vocab_parallel import combine_across_shards, tp_rank_and_size, valid_columns
 
 
 @dataclasses.dataclass
@@ -122,6 +122,17 @@ class KLAndCrossEntropy(torch.autograd.Function):
         grad = one_pass_grad(student, teacher, saved, grad_kl, grad_ce, ctx.temperature, ctx.valid, ctx.padded,
                              ctx.kernels)
         return grad, None, None, None, None, None, None, None, None
+
+
+def shard_layout(width: int, vocab_size: int | None, tp_group):
+    """This rank's place in the vocabulary, as the one pass takes it: the TP group (None for a group of one: no
+    collectives), how many of its ``width`` columns are real, and whether any shard has padding (the same on every
+    rank, so every rank's collectives have the same shape)."""
+    if tp_group is not None and torch.distributed.get_world_size(group=tp_group) == 1:
+        tp_group = None
+    tp_rank, tp_size = tp_rank_and_size(tp_group)
+    padded = vocab_size is not None and vocab_size < width * tp_size
+    return tp_group, valid_columns(width, vocab_size, tp_rank, tp_size), padded
 
 
 def labels_on_shard(labels: torch.Tensor, first_column: int, valid: int):

@@ -51,9 +51,10 @@ def local_row_stats(student: torch.Tensor, teacher: torch.Tensor, temperature: f
         # a shard row that is all -inf has max -inf: shift it by 0 instead (-inf - -inf is NaN); its sums are 0
         m_s = torch.where(torch.isfinite(m_s), m_s, torch.zeros_like(m_s))
         m_t = torch.where(torch.isfinite(m_t), m_t, torch.zeros_like(m_t))
-        if with_ce_sum:
-            stats[lo:hi, 5] = (s - m_s).exp_().sum(dim=-1)
-        a_s = (s - m_s).mul_(inv_t)  # log of the unnormalised student probabilities, <= 0
+        a_s = s - m_s
+        if with_ce_sum:  # CE's sum at τ = 1, before the shift is scaled by 1/τ
+            stats[lo:hi, 5] = a_s.exp().sum(dim=-1)
+        a_s.mul_(inv_t)  # log of the unnormalised student probabilities, <= 0
         a_t = (t - m_t).mul_(inv_t)
         p_t = a_t.exp()
         stats[lo:hi, 1] = a_s.exp().sum(dim=-1)
