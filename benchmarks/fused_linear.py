@@ -23,6 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 from benchmarks.kd_loss import rss_kib  # noqa: E402  (the peak-memory reading both benchmarks use)
+from salt_megatron.errors import positive_int  # noqa: E402
 
 METHODS = ("materialised", "fused_linear")
 TAU, OMEGA = 2.0, 0.5
@@ -64,11 +65,11 @@ def run_case(method: str, tokens: int, hidden: int, teacher_hidden: int, vocab: 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--hidden", type=int, default=512, help="the student's hidden size")
-    ap.add_argument("--teacher-hidden", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=131072)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tokens", type=positive_int, default=2048)
+    ap.add_argument("--hidden", type=positive_int, default=512, help="the student's hidden size")
+    ap.add_argument("--teacher-hidden", type=positive_int, default=256)
+    ap.add_argument("--vocab", type=positive_int, default=131072)
+    ap.add_argument("--reps", type=positive_int, default=3)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     shape = (args.tokens, args.hidden, args.teacher_hidden, args.vocab, args.reps)

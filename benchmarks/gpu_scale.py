@@ -23,6 +23,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
+from salt_megatron.errors import positive_int  # noqa: E402
 
 # dense bf16 peak of the GPUs this project is lent, FLOP/s (NVIDIA's data sheets, without sparsity)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -46,8 +47,9 @@ def _train_rows(metrics_file):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU dry run at tiny sizes")
-    ap.add_argument("--steps", type=int, default=None, help="steps per configuration (default 12; --tiny 4)")
-    ap.add_argument("--vocab", type=int, default=50257)
+    ap.add_argument("--steps", type=positive_int, default=None,
+                    help="steps per configuration (default 12; --tiny 4)")
+    ap.add_argument("--vocab", type=positive_int, default=50257)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     import torch

@@ -20,6 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from salt_megatron.errors import positive_int  # noqa: E402
 
 OMEGA = 0.5
 METHODS = ("kd_alone", "one_pass", "ce_apart")
@@ -71,13 +72,15 @@ def _worker(rank, world_size, port, args, queue):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=2048, help="N, rows of logits per rank (default 2048)")
-    ap.add_argument("--vocab", type=int, default=50257,
+    ap.add_argument("--tokens", type=positive_int, default=2048, help="N, rows of logits per rank (default 2048)")
+    ap.add_argument("--vocab", type=positive_int, default=50257,
                     help="the real vocabulary (default: GPT-2's); padded to a multiple of 256")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--temperature", type=float, default=2.0, help="τ (default 2; the CPU kernel squares an exp at 2)")
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=positive_int, default=7)
     args = ap.parse_args()
+    if not args.temperature > 0:
+        ap.error(f"--temperature must be > 0, got {args.temperature}")
 
     import torch.multiprocessing as mp
 
