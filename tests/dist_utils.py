@@ -7,7 +7,14 @@ import pickle
 import socket
 import tempfile
 
+import multiprocessing
+
 import torch.multiprocessing as mp
+
+# Workers start from a fork server that has imported these once (per pytest process), not from a fresh interpreter:
+# importing torch, megatron-core and the package takes ~10 s of CPU a process, most of a small test's time.  The
+# server imports nothing else and starts no thread before it forks, so a worker begins as a spawned one would.
+_PRELOAD = ["salt_megatron.training.loop", "salt_megatron.cli", "tests.dist_utils"]
 
 
 def _free_port() -> int:
@@ -16,7 +23,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, result_dir, args):
+def _entry(rank, fn, world_size, port, result_dir, args, environ):
+    os.environ.clear()
+    os.environ.update(environ)  # the caller's environment now, not the fork server's from when it started
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
@@ -39,10 +48,11 @@ def run_workers(fn, world_size: int, *args):
     initialises its process group itself (e.g. ``torch.distributed.init_process_group("gloo")`` or
     ``salt_megatron.distributed.initialize_distributed``).  An exception in any worker fails the caller.
     """
+    multiprocessing.set_forkserver_preload(_PRELOAD)  # read once, when the server starts
     with tempfile.TemporaryDirectory() as result_dir:
         mp.start_processes(
-            _entry, args=(fn, world_size, _free_port(), result_dir, args), nprocs=world_size, join=True,
-            start_method="spawn",
+            _entry, args=(fn, world_size, _free_port(), result_dir, args, dict(os.environ)), nprocs=world_size,
+            join=True, start_method="forkserver",
         )
         results = []
         for rank in range(world_size):
