@@ -3,8 +3,10 @@
 
 1. Size: bytes per token of a cache for K = 16, 64, 256 against the dense fp16 logits it replaces.
 2. Writing: the cache's throughput (teacher forward + top-K + copy to the host, per token) ÷ the teacher's forward
-   alone on the same windows and batches (target >= 0.9); alternated, medians; again with a wider teacher (4x512)
-   at the same vocabulary; and the whole command's wall time.
+   alone, as training runs it (the whole batch's logits), on the same windows and batches (target >= 0.9); and ÷
+   that forward with its logits formed block by block as the writing forms them, without the top-K (what the top-K
+   itself costs); alternated, medians; again with a wider teacher (4x512) at the same vocabulary; and the whole
+   command's wall time.
 3. Training: the KD-phase step reading the cache (K = 64) ÷ the baseline step (target <= 1.02), and the online
    teacher's KD-phase step for comparison; real ``pretrain`` runs, alternated, ratios of median step times.
 
@@ -27,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from salt_megatron.errors import positive_int  # noqa: E402
 from step_overhead import MBS, SEQ, STUDENT, TEACHER, VOCAB, _flags  # noqa: E402  (the same shapes)
 
 KS = (16, 64, 256)
@@ -35,10 +38,12 @@ KS = (16, 64, 256)
 WIDE_TEACHER = dict(num_layers=4, hidden_size=512, num_attention_heads=8)
 
 
-def _throughput_worker(teacher_dir: str, prefix: str, batches: int, repeats: int) -> dict:
+def _throughput_worker(teacher_dir: str, prefix: str, batches: int, repeats: int, threads: int) -> dict:
     """Tokens/s of the teacher's forward alone and of cache writing's per-chunk work, on the same batches."""
     import numpy as np
     import torch
+
+    torch.set_num_threads(threads)  # (the test workers' default is 1)
     from megatron.core import tensor_parallel
 
     from salt_megatron.cache_teacher import _cache_chunk
@@ -66,11 +71,27 @@ def _throughput_worker(teacher_dir: str, prefix: str, batches: int, repeats: int
             with torch.inference_mode():
                 model(batch["tokens"], batch["position_ids"], mask)
 
+    def forward_in_blocks():  # the forward with the logits formed as cache writing forms them, without the top-K
+        from salt_megatron.kd.teacher_topk import block_rows
+        from salt_megatron.model import output_layer_inputs
+
+        for start in range(0, len(ids), MBS):
+            batch = collate([windows.item(w) for w in ids[start:start + MBS]])
+            with torch.inference_mode(), output_layer_inputs(model) as captured:
+                hidden = model(batch["tokens"], batch["position_ids"], mask)
+                weight_t = captured["weight"].t()
+                rows = block_rows(SEQ, weight_t.shape[1], hidden.element_size())
+                buf = torch.empty(rows, weight_t.shape[1])
+                for window in range(hidden.shape[0]):
+                    for lo in range(0, SEQ, rows):
+                        torch.mm(hidden[window, lo:lo + rows], weight_t, out=buf[:min(SEQ, lo + rows) - lo])
+
     def chunk(k):
         args = argparse.Namespace(seq_length=SEQ, micro_batch_size=MBS, topk=k, kd_temperature=1.0)
         return lambda: _cache_chunk(model, windows, np.array(ids), args, meta["arch"]["vocab_size"], None)
 
-    runs = {"forward": forward_only, **{f"cache_k{k}": chunk(k) for k in KS}}
+    runs = {"forward": forward_only, "forward_in_blocks": forward_in_blocks,
+            **{f"cache_k{k}": chunk(k) for k in KS}}
     seconds = {name: [] for name in runs}
     forward_only()  # warm-up
     for _ in range(repeats):
@@ -85,27 +106,36 @@ def _throughput_worker(teacher_dir: str, prefix: str, batches: int, repeats: int
 def _writing(args, teacher_dir: str, wide_dir: str, prefix: str):
     from tests.dist_utils import run_workers
 
-    rates, = run_workers(_throughput_worker_entry, 1, teacher_dir, prefix, args.forward_batches, args.repeats)
+    rates, = run_workers(_throughput_worker_entry, 1, teacher_dir, prefix, args.forward_batches, args.repeats,
+                         args.threads)
     wide_rates, = run_workers(_throughput_worker_entry, 1, wide_dir, prefix, max(2, args.forward_batches // 4),
-                              args.repeats)
+                              args.repeats, args.threads)
     for label, shape, r in (("teacher", TEACHER, rates), ("wider teacher", WIDE_TEACHER, wide_rates)):
         for k in KS:
-            print(f"cache writing, {label} {shape['num_layers']}x{shape['hidden_size']}, K = {k:3d}: "
+            print(f"cache writing, {label} {shape['num_layers']}x{shape['hidden_size']}, {args.threads} thread(s), "
+                  f"K = {k:3d}: "
                   f"{r[f'cache_k{k}']:.0f} tok/s vs its forward alone {r['forward']:.0f} tok/s: "
-                  f"{r[f'cache_k{k}'] / r['forward']:.3f} (target >= 0.9)")
+                  f"{r[f'cache_k{k}'] / r['forward']:.3f} (target >= 0.9); vs the same forward with the logits "
+                  f"formed block by block as the writing forms them ({r['forward_in_blocks']:.0f} tok/s): "
+                  f"{r[f'cache_k{k}'] / r['forward_in_blocks']:.3f}")
     return rates, wide_rates
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per pretrain run (after 3 warm-up steps)")
-    ap.add_argument("--repeats", type=int, default=2, help="alternated rounds (pretrain runs and throughput)")
-    ap.add_argument("--forward-batches", type=int, default=16, help="micro-batches per throughput measurement")
+    ap.add_argument("--steps", type=positive_int, default=30,
+                    help="timed steps per pretrain run (after 3 warm-up steps)")
+    ap.add_argument("--repeats", type=positive_int, default=2, help="alternated rounds (pretrain runs and throughput)")
+    ap.add_argument("--forward-batches", type=positive_int, default=16, help="micro-batches per throughput measurement")
+    ap.add_argument("--threads", type=positive_int, default=None,
+                    help="torch threads for the throughput measurement (default: what a fresh process uses, as "
+                         "cache-teacher does: %d here)" % _default_threads())
     ap.add_argument("--workdir", default=None)
     skip = ap.add_mutually_exclusive_group()
     skip.add_argument("--skip-writing", action="store_true", help="measure the training steps only")
     skip.add_argument("--skip-training", action="store_true", help="measure the size and the writing only")
     args = ap.parse_args()
+    args.threads = args.threads or _default_threads()
 
     from salt_megatron.data.corpora import prepare_sotu
     from salt_megatron.data.teacher_cache import bytes_per_token
@@ -164,6 +194,12 @@ def main():
                       "online_over_baseline": result["online"] / 1e3 / base, "bytes_per_token": sizes,
                       "write_tok_s": rates, "write_tok_s_wide_teacher": wide_rates, "steps_per_run": args.steps,
                       "repeats": args.repeats}))
+
+
+def _default_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _throughput_worker_entry(rank, world_size, *args):

@@ -25,102 +25,10 @@ import numpy as np
 import torch
 
 from salt_megatron.data import teacher_cache as C
-from salt_megatron.errors import ArgumentParser, DataError, UsageError
+from salt_megatron.errors import ArgumentParser, UsageError
 from salt_megatron.files import atomic_files, write_json_atomically
 
-
 _TORCH_DTYPE = {np.float16: torch.float16, np.float32: torch.float32}
-
-
-def _log_sum_exp(x: torch.Tensor, row_max: torch.Tensor, rows_per_chunk: int = 32) -> torch.Tensor:
-    """log Σ exp(x) over the last dimension, given its maximum, through one small reused buffer: torch.logsumexp
-    writes a logits-sized temporary, and on the CPU its first touch costs more than the arithmetic (measured: 3.6x
-    slower on [2048, 4096] fp32)."""
-    flat, m = x.reshape(-1, x.shape[-1]), row_max.reshape(-1, 1)
-    sums = torch.empty(flat.shape[0], dtype=x.dtype, device=x.device)
-    buf = torch.empty(min(rows_per_chunk, flat.shape[0]), flat.shape[1], dtype=x.dtype, device=x.device)
-    for lo in range(0, flat.shape[0], rows_per_chunk):
-        hi = min(lo + rows_per_chunk, flat.shape[0])
-        chunk = torch.sub(flat[lo:hi], m[lo:hi], out=buf[:hi - lo])
-        torch.sum(chunk.exp_(), dim=-1, out=sums[lo:hi])
-    return (sums.log() + m.squeeze(1)).view(row_max.shape)
-
-
-def _shard_topk(x: torch.Tensor, k: int, temperature: float, impl: str):
-    """One shard's ``k`` best of ``x/τ`` (fp32 values, int64 local columns, best first) and its log-sum-exp at τ;
-    ``1 <= k <= x.shape[-1]``.  The fused CPU kernel reads the logits once, where they lie (any float dtype, padding
-    columns sliced off as a view); the torch path reads them twice."""
-    lead = x.shape[:-1]
-    if impl != "torch" and x.device.type == "cpu":
-        from salt_megatron.kd.fused_kernels import kernels_for
-
-        kernels = kernels_for(x.device, required=impl == "fused")
-        flat = x.reshape(-1, x.shape[-1])
-        if kernels is not None and kernels.handles_topk(flat):
-            values, columns, lse = kernels.topk_logsumexp(flat, k, temperature)
-            return values.view(*lead, k), columns.view(*lead, k), lse.view(lead)
-    if impl == "fused":
-        raise RuntimeError(f"no fused top-k kernel for {x.dtype} logits on {x.device.type}")
-    if x.dtype != torch.float32:
-        x = x.float()
-    if temperature != 1.0:
-        x = x * (1.0 / temperature)  # as the kernels scale: the same values either way
-    values, columns = torch.topk(x, k, dim=-1)
-    return values, columns, _log_sum_exp(x, values[..., 0])
-
-
-def teacher_topk(logits: torch.Tensor, *, k: int, temperature: float, vocab_size: int, tp_group=None,
-                 impl: str = "auto"):
-    """The teacher's top-``k`` at τ from vocab-parallel logits ``[..., W]`` (padding columns ignored).
-
-    Returns global ids (int64 ``[..., k]``, best first), their log-probabilities at τ (fp32 ``[..., k]``) and the
-    log of the mass outside them (fp32 ``[...]``, -inf when k covers the vocabulary).  Each shard's top k and
-    log-sum-exp come from one read of its logits (``impl``: "auto" the fused CPU kernel where there is one,
-    "torch", or "fused"); collectives on per-token numbers only: MAX and SUM for the log-sum-exp, an all-gather of
-    each shard's k best (value and id).
-    """
-    width = logits.shape[-1]
-    rank, world = (0, 1) if tp_group is None else (torch.distributed.get_rank(group=tp_group),
-                                                    torch.distributed.get_world_size(group=tp_group))
-    start = rank * width
-    valid = max(0, min(width, vocab_size - start))
-    lead = logits.shape[:-1]
-    mine = min(k, valid)
-    if mine == k:
-        values, ids, lse = _shard_topk(logits[..., :valid], k, temperature, impl)
-        if start:
-            ids += start
-    else:  # a shard narrower than k (or all padding): its entries, then -inf
-        values = torch.full((*lead, k), -torch.inf, device=logits.device)
-        ids = torch.full((*lead, k), -1, dtype=torch.int64, device=logits.device)
-        lse = torch.full(lead, -torch.inf, device=logits.device)
-        if mine:
-            values[..., :mine], local, lse = _shard_topk(logits[..., :valid], mine, temperature, impl)
-            ids[..., :mine] = local + start
-    if world > 1:
-        top = lse.clone()
-        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=tp_group)
-        total = (lse - top).exp()
-        torch.distributed.all_reduce(total, group=tp_group)
-        lse = top + total.log()
-    if world > 1:
-        if vocab_size >= 1 << 24:  # the ids travel as fp32 beside the values: exact below 2^24
-            raise DataError("cache-teacher under TP handles vocabularies below 16.7M tokens")
-        pairs = torch.cat((values, ids.float()), dim=-1)
-        gathered = [torch.empty_like(pairs) for _ in range(world)]
-        torch.distributed.all_gather(gathered, pairs, group=tp_group)
-        all_values = torch.cat([g[..., :k] for g in gathered], dim=-1)
-        all_ids = torch.cat([g[..., k:] for g in gathered], dim=-1).long()
-        values, at = torch.topk(all_values, k, dim=-1)
-        ids = all_ids.gather(-1, at)
-    logprobs = values - lse[..., None]
-    if k >= vocab_size:
-        rest = torch.full(lead, -torch.inf, device=logits.device)
-    else:
-        # the mass outside the top k, 1 - Σ p_k, in float64 from the k log-probabilities (k numbers a token)
-        inside = logprobs.double().exp().sum(-1)
-        rest = torch.log1p(-inside.clamp(max=1.0)).float()
-    return ids, logprobs, rest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,17 +149,16 @@ def _chunk_path(partial: str, chunk: int) -> str:
 def _cache_chunk(model, windows, ids: np.ndarray, args, vocab_size: int, tp_group) -> dict:
     from salt_megatron.data.gpt_data import collate
     from salt_megatron.distributed import compute_device, to_device
+    from salt_megatron.kd.teacher_topk import forward_topk
     from salt_megatron.model import causal_attention_mask
 
     mask = causal_attention_mask(args.seq_length, device=compute_device())
     out = {"ids": [], "logprobs": [], "rest": []}
     for start in range(0, ids.size, args.micro_batch_size):
         batch = to_device(collate([windows.item(int(w)) for w in ids[start:start + args.micro_batch_size]]))
-        with torch.inference_mode():
-            logits = model(batch["tokens"], batch["position_ids"], mask)
-            top_ids, logprobs, rest = teacher_topk(logits, k=args.topk, temperature=args.kd_temperature,
-                                                   vocab_size=vocab_size, tp_group=tp_group)
-            del logits  # freed before the next forward allocates its own: no second logits-sized block
+        top_ids, logprobs, rest = forward_topk(model, batch["tokens"], batch["position_ids"], mask, k=args.topk,
+                                               temperature=args.kd_temperature, vocab_size=vocab_size,
+                                               tp_group=tp_group)
         out["ids"].append(top_ids.to(torch.int32).cpu().numpy())
         # torch's conversion to fp16 (numpy's is ~10x slower); the same rounding (to nearest even)
         out["logprobs"].append(logprobs.to(_TORCH_DTYPE[C.ARRAYS["logprobs"]]).cpu().numpy())

@@ -111,11 +111,10 @@ def _score_chunk(model, windows: UnshuffledWindows, lo: int, hi: int, *, seq_len
                  topk: int, vocab_size: int, tp_group, cache: tuple | None = None) -> dict:
     """Scores of windows [lo, hi) and the per-document pieces their tokens contribute; with ``cache`` (K, τ), the
     teacher cache's rows of those windows too (``cache_ids``, ``cache_logprobs``, ``cache_rest``)."""
-    from salt_megatron.cache_teacher import teacher_topk
-    from salt_megatron.data.teacher_cache import ARRAYS
-
     from salt_megatron.data.gpt_data import collate
+    from salt_megatron.data.teacher_cache import ARRAYS
     from salt_megatron.distributed import compute_device, to_device
+    from salt_megatron.kd.teacher_topk import forward_topk
     from salt_megatron.model import causal_attention_mask
 
     window_scores = np.zeros((hi - lo, 3), dtype=np.float32)
@@ -125,14 +124,16 @@ def _score_chunk(model, windows: UnshuffledWindows, lo: int, hi: int, *, seq_len
         ids = list(range(start, min(hi, start + micro_batch_size)))
         batch = to_device(collate([windows.item(w) for w in ids]))
         with torch.inference_mode():
-            logits = model(batch["tokens"], batch["position_ids"], mask)
-            loss, in_topk = token_loss_and_topk(logits, batch["labels"], k=topk, vocab_size=vocab_size,
-                                                tp_group=tp_group)
-            if cache is not None:
-                rows = teacher_topk(logits, k=cache[0], temperature=cache[1], vocab_size=vocab_size,
-                                    tp_group=tp_group)
+            if cache is None:
+                logits = model(batch["tokens"], batch["position_ids"], mask)
+            else:  # the cache's top-K from the blocks `cache-teacher` computes (the same bytes), the logits beside
+                rows, logits = forward_topk(model, batch["tokens"], batch["position_ids"], mask, k=cache[0],
+                                            temperature=cache[1], vocab_size=vocab_size, tp_group=tp_group,
+                                            keep_logits=True)
                 for name, value in zip(("ids", "logprobs", "rest"), rows):
                     cached.setdefault(name, []).append(value.cpu().numpy().astype(ARRAYS[name]))
+            loss, in_topk = token_loss_and_topk(logits, batch["labels"], k=topk, vocab_size=vocab_size,
+                                                tp_group=tp_group)
         loss, in_topk = loss.double().cpu().numpy(), in_topk.cpu().numpy()
         keep = batch["loss_mask"].cpu().numpy() > 0
         window_scores[ids[0] - lo:ids[-1] - lo + 1] = S.score_rows(loss, in_topk, keep)

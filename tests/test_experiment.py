@@ -88,6 +88,7 @@ def test_the_cache_savings_come_from_the_step_ratios_of_the_runs():
     assert "running 1.500 (2 runs), from a cache 1.100 (2 runs)" in lines[1]
     assert "saved 5 s of training; with the writing counted, +2 s: the caches paid for themselves" in lines[1]
     assert "not measured" in cache_savings_lines(results[2:], {1: {"seconds": 1.0, "bytes": 1}}, 2.0)[1]
+    assert "one for seed 1, 1 s of" in cache_savings_lines(results, {1: {"seconds": 1.0, "bytes": 1}}, 2.0)[0]
 
 
 def test_step_times_are_per_kind_medians():

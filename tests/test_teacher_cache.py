@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from salt_megatron.cache_teacher import teacher_topk
+from salt_megatron.kd.teacher_topk import teacher_topk, teacher_topk_from_hidden
 from salt_megatron.data.teacher_cache import TeacherCache, bytes_per_token, cache_paths
 from tests.conftest import STUDENT, pretrain
 from tests.dist_utils import run_workers
@@ -47,6 +47,39 @@ def test_the_top_k_matches_the_dense_softmax_at_tp_1_and_2():
             torch.testing.assert_close(got[2].double(), rest.double(), rtol=1e-4, atol=1e-5)
             total = got[1].double().exp().sum(-1) + got[2].double().exp()
             torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-5)  # a distribution
+
+
+def _from_hidden_worker(rank, world_size, hidden, weight, cases):
+    torch.distributed.init_process_group("gloo")
+    w = weight.shape[0] // world_size
+    group = torch.distributed.group.WORLD
+    out = []
+    for k, tau, rows in cases:
+        logits = torch.empty(*hidden.shape[:2], w)
+        got = teacher_topk_from_hidden(hidden, weight[rank * w:(rank + 1) * w], k=k, temperature=tau,
+                                       vocab_size=VOCAB, tp_group=group, logits_out=logits, rows=rows)
+        plain = teacher_topk_from_hidden(hidden, weight[rank * w:(rank + 1) * w], k=k, temperature=tau,
+                                         vocab_size=VOCAB, tp_group=group, rows=rows)
+        whole = teacher_topk(hidden @ weight[rank * w:(rank + 1) * w].T, k=k, temperature=tau, vocab_size=VOCAB,
+                             tp_group=group)
+        out.append((got, plain, whole, logits))
+    return out
+
+
+def test_the_top_k_from_hidden_states_is_the_top_k_of_their_logits_at_tp_1_and_2():
+    """Blocks of 1, 3 and all 4 tokens of a window (one reused buffer, or the logits kept), shards narrower than k."""
+    hidden, weight = make_logits((3, 4, 8), 2, 0.6).float(), make_logits((SHAPE[-1], 8), 3, 0.6).float()
+    cases = [(5, 1.0, 1), (5, 2.0, 3), (VOCAB, 1.0, None), (16, 2.0, 3)]
+    for world in (1, 2):
+        for rank, results in enumerate(run_workers(_from_hidden_worker, world, hidden, weight, cases)):
+            w = weight.shape[0] // world
+            for (k, _, _), (got, plain, whole, logits) in zip(cases, results):
+                torch.testing.assert_close(logits, hidden @ weight[rank * w:(rank + 1) * w].T, rtol=1e-5, atol=1e-5)
+                for a, b in zip(got, plain):
+                    assert torch.equal(a, b)  # keeping the logits changes nothing
+                assert torch.equal(got[0], whole[0]) and got[0].shape == (3, 4, k)
+                torch.testing.assert_close(got[1], whole[1], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got[2], whole[2], rtol=1e-4, atol=1e-5)
 
 
 def _cache(argv):
@@ -121,6 +154,10 @@ def test_the_cache_holds_the_teachers_top_k_and_resumes_byte_identical(corpus, t
     run_workers(_cache_worker, 1, _argv(corpus, teacher_dir, path, "--windows", "all"))
     assert {name: open(p, "rb").read() for name, p in cache_paths(path).items() if os.path.isfile(p)} == files
     assert not os.path.exists(cache_paths(path)["partial"])
+    # keyed by window: another micro-batch size (the teacher sees other batches) writes the same bytes
+    other = str(tmp_path / "mbs3")
+    run_workers(_cache_worker, 1, [*_argv(corpus, teacher_dir, other, "--windows", "all"), "--micro-batch-size", "3"])
+    assert {name: open(p, "rb").read() for name, p in cache_paths(other).items() if os.path.isfile(p)} == files
     # `score --cache-topk` writes the same cache from its own teacher pass
     from tests.test_scoring import _copy_dataset, _score_worker
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from salt_megatron.cache_teacher import teacher_topk
+from salt_megatron.kd.teacher_topk import teacher_topk
 from tests.kd_cases import DTYPES, fused_kernels_on, make_logits
 
 
@@ -63,6 +63,27 @@ def test_minus_inf_and_nan_rows(kernels):
     assert values[1].tolist() == [2.0, 1.0, -torch.inf] and columns[1, :2].tolist() == [7, 200]
     torch.testing.assert_close(lse[1], torch.logsumexp(x[1], -1))
     assert lse[2].isnan()  # a nan logit poisons its row's log-sum-exp, as in torch
+
+
+@pytest.mark.parametrize("k", [8, 64, 256])
+def test_rows_that_take_each_way_to_the_bar_and_to_the_order(kernels, k):
+    """The bar from the histogram of set maxima (with sets of -inf left out of its range), the exact selection
+    (equal maxima, an infinite range), the radix sort (over 64 candidates) and nth_element + sort: the same k entries
+    in the same order as a stable descending sort (ties: the lower column first)."""
+    g = torch.Generator().manual_seed(k)
+    rows = torch.randn(7, 4096, generator=g)
+    rows[0, 2048:] = -torch.inf  # padding-like: half the sets' maxima are -inf
+    rows[1, 100] = torch.inf  # an infinite range of maxima
+    rows[2] = torch.randint(0, 5, (4096,), generator=g).float()  # few distinct values: ties everywhere
+    rows[3, ::7] = 3.0  # 586 entries tie for the top
+    rows[4] *= 1e30  # a finite range near the float limit
+    rows[5] = rows[5].round(decimals=1)  # many ties among the candidates
+    rows[6, :3000] = -torch.inf
+    values, columns, lse = kernels.topk_logsumexp(rows, k, 1.0)
+    ref_values, ref_columns = torch.sort(rows, dim=-1, descending=True, stable=True)
+    assert torch.equal(values, ref_values[:, :k]) and torch.equal(columns, ref_columns[:, :k])
+    torch.testing.assert_close(lse[[0, 2, 3, 5, 6]].double(), torch.logsumexp(rows[[0, 2, 3, 5, 6]].double(), -1),
+                               rtol=2e-6, atol=2e-6)
 
 
 def test_strided_rows_and_threads(kernels):

@@ -141,7 +141,9 @@ def cache_savings_lines(results: list[dict], caches: dict, plain_step_s: float) 
     online = [r for r in results if "--teacher-load" in r.get("flags", [])]
     writing = sum(c["seconds"] for c in caches.values())
     steps = sum(is_kd_step(t) for r in cached for t in r["train"])
-    lines = [f"Teacher caches (`--teacher-cache-topk`): one for each of seeds {', '.join(map(str, sorted(caches)))}, "
+    seeds = sorted(caches)
+    which = f"seed {seeds[0]}" if len(seeds) == 1 else f"each of seeds {', '.join(map(str, seeds))}"
+    lines = [f"Teacher caches (`--teacher-cache-topk`): one for {which}, "
              f"{writing:.0f} s of `cache-teacher` in all ({sum(c['bytes'] for c in caches.values()) / 1e6:.1f} MB), "
              f"read by {len(cached)} students for {steps} KD-phase steps that ran no teacher."]
     ratios = {name: [x for x in map(_kd_over_plain, runs) if x is not None]
