@@ -56,7 +56,8 @@ def _columns_topk(x: torch.Tensor, k: int, temperature: float, impl: str):
     if temperature != 1.0:
         x = x * (1.0 / temperature)  # as the kernels scale: the same values either way
     values, columns = torch.topk(x, k, dim=-1)
-    return values, columns, _log_sum_exp(x, values[:, 0])
+    # (the small reused buffer is for the CPU's page faults; on a GPU it would only add kernel launches)
+    return values, columns, _log_sum_exp(x, values[:, 0]) if x.device.type == "cpu" else torch.logsumexp(x, -1)
 
 
 def _shard_layout(width: int, vocab_size: int, tp_group):
