@@ -68,10 +68,10 @@ def test_minus_inf_and_nan_rows(kernels):
 @pytest.mark.parametrize("k", [8, 64, 256])
 def test_rows_that_take_each_way_to_the_bar_and_to_the_order(kernels, k):
     """The bar from the histogram of set maxima (with sets of -inf left out of its range), the exact selection
-    (equal maxima, an infinite range), the radix sort (over 64 candidates) and nth_element + sort: the same k entries
+    (equal maxima, an infinite or a subnormal range), the radix sort (over 64 candidates) and nth_element + sort: the same k entries
     in the same order as a stable descending sort (ties: the lower column first)."""
     g = torch.Generator().manual_seed(k)
-    rows = torch.randn(7, 4096, generator=g)
+    rows = torch.randn(8, 4096, generator=g)
     rows[0, 2048:] = -torch.inf  # padding-like: half the sets' maxima are -inf
     rows[1, 100] = torch.inf  # an infinite range of maxima
     rows[2] = torch.randint(0, 5, (4096,), generator=g).float()  # few distinct values: ties everywhere
@@ -79,6 +79,8 @@ def test_rows_that_take_each_way_to_the_bar_and_to_the_order(kernels, k):
     rows[4] *= 1e30  # a finite range near the float limit
     rows[5] = rows[5].round(decimals=1)  # many ties among the candidates
     rows[6, :3000] = -torch.inf
+    rows[7] = 0.0
+    rows[7, 5], rows[7, 3001] = 2.8e-45, 1.4e-45  # maxima a subnormal step apart: 255 / (hi - lo) is inf
     values, columns, lse = kernels.topk_logsumexp(rows, k, 1.0)
     ref_values, ref_columns = torch.sort(rows, dim=-1, descending=True, stable=True)
     assert torch.equal(values, ref_values[:, :k]) and torch.equal(columns, ref_columns[:, :k])

@@ -116,12 +116,13 @@ SALT_INLINE float bar_below_kth(const float* buf, int64_t width, int64_t k, floa
     hi = set_max[j] > hi ? set_max[j] : hi;
     lo = (set_max[j] > -kInf && set_max[j] < lo) ? set_max[j] : lo;
   }
-  if (!(hi > lo) || !(hi - lo < kInf)) {  // all equal, all -inf, or an infinite range: select exactly
+  constexpr int kBuckets = 256;
+  const float scale = (kBuckets - 1) / (hi - lo);
+  // all equal, all -inf, an infinite range or one too narrow to divide by (subnormal): select exactly
+  if (!(hi > lo) || !(hi - lo < kInf) || !(scale < kInf)) {
     std::nth_element(set_max, set_max + (k - 1), set_max + sets, std::greater<float>());
     return set_max[k - 1];
   }
-  constexpr int kBuckets = 256;
-  const float scale = (kBuckets - 1) / (hi - lo);
   uint32_t count[kBuckets] = {0};
   for (int64_t j = 0; j < sets; ++j) {
     float t = (set_max[j] - lo) * scale;  // monotone in the maximum; -inf and rounding clamped into range
