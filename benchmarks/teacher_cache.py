@@ -72,19 +72,15 @@ def _throughput_worker(teacher_dir: str, prefix: str, batches: int, repeats: int
                 model(batch["tokens"], batch["position_ids"], mask)
 
     def forward_in_blocks():  # the forward with the logits formed as cache writing forms them, without the top-K
-        from salt_megatron.kd.teacher_topk import block_rows
+        from salt_megatron.kd.teacher_topk import logit_blocks
         from salt_megatron.model import output_layer_inputs
 
         for start in range(0, len(ids), MBS):
             batch = collate([windows.item(w) for w in ids[start:start + MBS]])
             with torch.inference_mode(), output_layer_inputs(model) as captured:
                 hidden = model(batch["tokens"], batch["position_ids"], mask)
-                weight_t = captured["weight"].t()
-                rows = block_rows(SEQ, weight_t.shape[1], hidden.element_size())
-                buf = torch.empty(rows, weight_t.shape[1])
-                for window in range(hidden.shape[0]):
-                    for lo in range(0, SEQ, rows):
-                        torch.mm(hidden[window, lo:lo + rows], weight_t, out=buf[:min(SEQ, lo + rows) - lo])
+                for _ in logit_blocks(hidden, captured["weight"]):
+                    pass
 
     def chunk(k):
         args = argparse.Namespace(seq_length=SEQ, micro_batch_size=MBS, topk=k, kd_temperature=1.0)

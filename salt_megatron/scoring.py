@@ -27,6 +27,7 @@ from salt_megatron.data import scores as S
 from salt_megatron.data.windows import UnshuffledWindows
 from salt_megatron.files import atomic_files, write_json_atomically
 from salt_megatron.errors import ArgumentParser, UsageError
+from salt_megatron.kd.vocab_parallel import tp_rank_and_size, valid_columns
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-token numbers from vocab-parallel logits
@@ -42,10 +43,8 @@ def token_loss_and_topk(logits: torch.Tensor, labels: torch.Tensor, *, k: int, v
     their exponentials and the label logit; all-gather of each shard's k largest), identical on every rank.
     """
     width = logits.shape[-1]
-    rank = torch.distributed.get_rank(group=tp_group) if tp_group is not None else 0
-    world = torch.distributed.get_world_size(group=tp_group) if tp_group is not None else 1
-    start = rank * width
-    valid = max(0, min(width, vocab_size - start))
+    rank, world = tp_rank_and_size(tp_group)
+    start, valid = rank * width, valid_columns(width, vocab_size, rank, world)
     x = logits[..., :valid].float()
     if world == 1:  # torch's fused cross entropy is the cheapest exact path for one shard
         loss = F.cross_entropy(x.reshape(-1, valid), labels.reshape(-1), reduction="none").view(labels.shape)

@@ -123,20 +123,17 @@ SALT_INLINE float bar_below_kth(const float* buf, int64_t width, int64_t k, floa
     std::nth_element(set_max, set_max + (k - 1), set_max + sets, std::greater<float>());
     return set_max[k - 1];
   }
+  const auto bucket_of = [lo, scale](float m) {  // monotone in the maximum; -inf and rounding clamped into range
+    const float t = (m - lo) * scale;
+    return static_cast<int>(t < 0.0f ? 0.0f : (t > kBuckets - 1 ? kBuckets - 1 : t));
+  };
   uint32_t count[kBuckets] = {0};
-  for (int64_t j = 0; j < sets; ++j) {
-    float t = (set_max[j] - lo) * scale;  // monotone in the maximum; -inf and rounding clamped into range
-    t = t < 0.0f ? 0.0f : (t > kBuckets - 1 ? kBuckets - 1 : t);
-    ++count[static_cast<int>(t)];
-  }
+  for (int64_t j = 0; j < sets; ++j) ++count[bucket_of(set_max[j])];
   int bucket = kBuckets - 1;
   for (int64_t held = count[bucket]; held < k;) held += count[--bucket];
   float bar = kInf;
-  for (int64_t j = 0; j < sets; ++j) {
-    float t = (set_max[j] - lo) * scale;
-    t = t < 0.0f ? 0.0f : (t > kBuckets - 1 ? kBuckets - 1 : t);
-    if (static_cast<int>(t) >= bucket && set_max[j] < bar) bar = set_max[j];
-  }
+  for (int64_t j = 0; j < sets; ++j)
+    if (bucket_of(set_max[j]) >= bucket && set_max[j] < bar) bar = set_max[j];
   return bar;
 }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from salt_megatron.errors import DataError
+from salt_megatron.kd.vocab_parallel import tp_rank_and_size, valid_columns
 
 # the logits block one window contributes at a time: about this many bytes (and at least _MIN_BLOCK_ROWS rows, so
 # the matrix product stays efficient).  On a CPU, what its caches hold; on a GPU, large enough that the kernel
@@ -62,10 +63,8 @@ def _columns_topk(x: torch.Tensor, k: int, temperature: float, impl: str):
 
 def _shard_layout(width: int, vocab_size: int, tp_group):
     """(first global id of this shard, its columns that are real vocabulary, TP size)."""
-    rank, world = (0, 1) if tp_group is None else (torch.distributed.get_rank(group=tp_group),
-                                                    torch.distributed.get_world_size(group=tp_group))
-    start = rank * width
-    return start, max(0, min(width, vocab_size - start)), world
+    rank, world = tp_rank_and_size(tp_group)
+    return rank * width, valid_columns(width, vocab_size, rank, world), world
 
 
 def _shard_topk_into(logits: torch.Tensor, out: tuple, *, k: int, temperature: float, start: int, valid: int,
@@ -135,10 +134,27 @@ def teacher_topk(logits: torch.Tensor, *, k: int, temperature: float, vocab_size
 
 
 def block_rows(seq_length: int, width: int, element_size: int, device_type: str = "cpu") -> int:
-    """Rows of one window that ``teacher_topk_from_hidden`` multiplies at a time: a function of the window's length,
+    """Rows of one window that ``logit_blocks`` multiplies at a time: a function of the window's length,
     the logits' width and the device only (not of the micro-batch), so every batch layout computes the same blocks."""
     budget = _BLOCK_BYTES.get(device_type, _BLOCK_BYTES_ELSEWHERE)
     return max(1, min(seq_length, max(_MIN_BLOCK_ROWS, budget // max(1, width * element_size))))
+
+
+def logit_blocks(hidden: torch.Tensor, weight: torch.Tensor, *, rows: int | None = None,
+                 logits_out: torch.Tensor = None):
+    """Yield ``(tokens, block)``: the logits ``hidden @ weight.T`` of ``block_rows`` tokens of one window at a time
+    (``tokens``: their slice of the flattened ``[b * s]``), each block written into one reused buffer, or into
+    ``logits_out`` (``[b, s, W]``) when given.  ``hidden``: ``[b, s, h]``; ``weight``: ``[W, h]``."""
+    b, s, _ = hidden.shape
+    width = weight.shape[0]
+    rows = rows or block_rows(s, width, hidden.element_size(), hidden.device.type)
+    buf = torch.empty(rows, width, dtype=hidden.dtype, device=hidden.device) if logits_out is None else None
+    weight_t = weight.t()
+    for window in range(b):
+        for lo in range(0, s, rows):
+            hi = min(s, lo + rows)
+            target = buf[:hi - lo] if logits_out is None else logits_out[window, lo:hi]
+            yield slice(window * s + lo, window * s + hi), torch.mm(hidden[window, lo:hi], weight_t, out=target)
 
 
 def teacher_topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, *, k: int, temperature: float,
@@ -147,25 +163,16 @@ def teacher_topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, *, k: i
     """``teacher_topk(hidden @ weight.T)`` without the logits-sized tensor.
 
     ``hidden``: the output layer's input ``[b, s, h]``; ``weight``: its (vocab-parallel) weight ``[W, h]``.  The
-    logits are formed ``block_rows`` tokens of one window at a time into one reused buffer; ``logits_out`` (``[b, s,
-    W]``), when given, receives them too (``score --cache-topk`` needs the whole logits for its scores).  ``rows``:
-    the block's rows (default ``block_rows``; tests make it small).
+    logits are formed block by block (``logit_blocks``); ``logits_out`` (``[b, s, W]``), when given, receives them
+    too (``score --cache-topk`` needs the whole logits for its scores).  ``rows``: the block's rows (default
+    ``block_rows``; tests make it small).
     """
-    b, s, h = hidden.shape
-    width = weight.shape[0]
-    start, valid, world = _shard_layout(width, vocab_size, tp_group)
-    rows = rows or block_rows(s, width, hidden.element_size(), hidden.device.type)
+    b, s, _ = hidden.shape
+    start, valid, world = _shard_layout(weight.shape[0], vocab_size, tp_group)
     out = _empty_candidates(b * s, k, hidden.device)
-    buf = torch.empty(rows, width, dtype=hidden.dtype, device=hidden.device) if logits_out is None else None
-    weight_t = weight.t()
-    for window in range(b):
-        for lo in range(0, s, rows):
-            hi = min(s, lo + rows)
-            target = buf[:hi - lo] if logits_out is None else logits_out[window, lo:hi]
-            block = torch.mm(hidden[window, lo:hi], weight_t, out=target)
-            at = slice(window * s + lo, window * s + hi)
-            _shard_topk_into(block, tuple(t[at] for t in out), k=k, temperature=temperature, start=start,
-                             valid=valid, impl=impl)
+    for tokens, block in logit_blocks(hidden, weight, rows=rows, logits_out=logits_out):
+        _shard_topk_into(block, tuple(t[tokens] for t in out), k=k, temperature=temperature, start=start,
+                         valid=valid, impl=impl)
     ids, logprobs, rest = _merge_shards(*out, k=k, vocab_size=vocab_size, tp_group=tp_group, world=world)
     return ids.view(b, s, k), logprobs.view(b, s, k), rest.view(b, s)
 
